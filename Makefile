@@ -1,0 +1,33 @@
+# Set-up and entry points. `make demo` and `make test` install what they need first.
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# pip's configured extra indexes may point at folders that do not exist: drop that noise only.
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+# The venv's bin first: its ninja must build extensions, not the system one.
+RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu
+
+.PHONY: install demo test clean-runs
+
+install: $(STAMP)
+
+$(STAMP): setup.py requirements.txt constraints.txt tools/fix_torchvision_cpu.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) torch==2.13.0 $(QUIET)
+	$(PIP) -c constraints.txt -r requirements.txt $(QUIET)
+	$(PIP) -c constraints.txt --no-build-isolation --no-deps -e . $(QUIET)
+	$(PY) tools/fix_torchvision_cpu.py
+	$(RUN) $(PY) -c "import torch, deepspeed, triton, webdataset, safetensors, rich, torch_fidelity, neon_scale.kernels"
+	touch $(STAMP)
+
+demo: install
+	$(RUN) $(VENV)/bin/neon run --config configs/toy2d.yaml
+
+test: install
+	$(RUN) $(PY) -m pytest -q tests
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,85 @@
+"""The `neon` command (also behind `deepspeed launchers/neon.py`).
+
+  neon run   --config configs/toy2d.yaml          all stages: base, synth, train, sweep
+  neon synth --config ... --set synth.n=2000      one stage (its inputs must exist)
+
+Errors from bad input print one line and exit 2; --debug shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import NeonError
+
+STAGE_HELP = {
+    "run": "run every stage in order (finished stages are skipped)",
+    "base": "train or import theta_r (safetensors)",
+    "synth": "sample the synthetic set S as webdataset shards",
+    "train": "fine-tune theta_r on S with DeepSpeed -> theta_s checkpoints",
+    "sweep": "merge theta_r + w (theta_r - theta_s), evaluate, select w",
+}
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, help="YAML config, e.g. configs/toy2d.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-5 (repeatable)")
+    p.add_argument("--run-dir", help="output directory (default: runs/<config name>)")
+    p.add_argument("--stage", choices=[s for s in STAGE_HELP if s != "run"], action="append",
+                   help="run only this stage (repeatable)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neon", description="Neon: improve a generator by extrapolating away from its own self-training.",
+        epilog="Multi-rank: DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launchers/neon.py --config configs/toy2d.yaml")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in STAGE_HELP.items():
+        _add_run_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def _fail(msg: str, code: int) -> None:
+    from .console import error
+
+    error(msg)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Peers blocked in a collective are killed by the launcher when this rank exits.
+    os._exit(code)
+
+
+def run_command(args: argparse.Namespace) -> None:
+    from . import dist, pipeline
+    from .config import load_config
+
+    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    cfg = load_config(args.config, overrides)
+    stages = args.stage or ([args.command] if args.command != "run" else None)
+    dist.init()
+    pipeline.run(cfg, stages)
+    dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        run_command(args)
+    except NeonError as e:
+        if args.debug:
+            raise
+        _fail(str(e), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as e:  # a bug or an environment problem: still one line unless --debug
+        if args.debug:
+            raise
+        _fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Typed run configuration: one dataclass per stage, loaded from YAML, `--set a.b=c` overrides.
+
+Validation happens once, here, and every error is one line naming the file, the key and the
+value at fault. Ranges and choices live in field metadata (`min`, `max`, `choices`).
+Model- and sampler-specific settings (`model.args`, `synth.samplers`, `eval.sampler`) are
+validated against the dataclasses the model registers (see models/registry.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import pathlib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from .errors import NeonError
+
+
+def _f(default, *, min=None, max=None, choices=None, help=""):
+    meta = {"min": min, "max": max, "choices": choices, "help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: _copy(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(x):
+    return yaml.safe_load(yaml.safe_dump(x))
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("toy2d_diffusion", help="registry name of the model")
+    args: dict = _f({}, help="constructor arguments, checked against the model's Args dataclass")
+
+
+@dataclass
+class BaseConfig:
+    weights: Optional[str] = _f(None, help="pretrained weights; None trains the base from the model's real data")
+    n_real: int = _f(1000, min=1, help="real samples for training the base from scratch")
+    steps: int = _f(10000, min=1, help="optimizer steps for the base")
+    lr: float = _f(1e-4, min=0.0)
+    batch_size: int = _f(0, min=0, help="0 = full batch")
+    seed: int = _f(0)
+
+
+@dataclass
+class SynthConfig:
+    n: int = _f(1000, min=1, help="synthetic samples per sampler setting")
+    samplers: list = _f([{}], help="one dict of sampler settings per synthetic set")
+    shard_size: int = _f(1000, min=1, help="samples per webdataset shard")
+    batch_size: int = _f(100000, min=1, help="samples drawn per sampler call")
+    seed: int = _f(1)
+
+
+@dataclass
+class TrainConfig:
+    save_steps: list = _f([50, 250], help="optimizer steps at which theta_s is exported")
+    global_batch: int = _f(1000, min=1, help="samples per optimizer step, whatever the world size")
+    grad_accum: int = _f(1, min=1)
+    lr: float = _f(1e-5, min=0.0)
+    betas: list = _f([0.9, 0.999])
+    weight_decay: float = _f(0.0, min=0.0)
+    warmup_steps: int = _f(0, min=0)
+    grad_clip: float = _f(0.0, min=0.0, help="0 = off")
+    zero_stage: int = _f(2, min=0, max=3)
+    dtype: str = _f("fp32", choices=["fp32", "bf16", "fp16"])
+    ckpt_every: int = _f(50, min=1, help="DeepSpeed checkpoint interval (steps) for resume")
+    log_every: int = _f(10, min=1)
+    seed: int = _f(2)
+
+
+@dataclass
+class EvalConfig:
+    n: int = _f(100000, min=1, help="samples per evaluated point")
+    sampler: dict = _f({}, help="sampler settings used to evaluate every merged model")
+    chunk: int = _f(25000, min=1, help="samples per noise chunk (chunk i always gets the same noise)")
+    seed: int = _f(1234)
+
+
+@dataclass
+class SweepConfig:
+    mode: str = _f("early_stop", choices=["early_stop", "grid"])
+    w_min: float = _f(-2.0)
+    w_max: float = _f(2.0)
+    w_step: float = _f(0.25)
+    guidance_key: Optional[str] = _f(None, help="eval-sampler key swept in the inner loop (e.g. cfg)")
+    guidance: list = _f([], help="inner-loop values for guidance_key")
+    tol: float = _f(0.02, min=0.0, help="early-stop tolerance on the metric")
+    refine_w: float = _f(0.1, min=0.0, help="half-width of the refine grid in w (0 = no refine)")
+    refine_guidance: float = _f(0.1, min=0.0)
+    final_n: Optional[int] = _f(None, min=1, help="re-evaluate each best point with this many samples")
+
+    def w_grid(self) -> list[float]:
+        if not (self.w_step > 0 and math.isfinite(self.w_step)) or self.w_min > self.w_max:
+            raise NeonError(f"sweep: empty w grid (w_min={self.w_min}, w_max={self.w_max}, w_step={self.w_step})")
+        n = int(math.floor((self.w_max - self.w_min) / self.w_step + 1e-9)) + 1
+        grid = {round(self.w_min + i * self.w_step, 6) for i in range(n)} | {0.0}
+        return sorted(grid)
+
+
+@dataclass
+class Config:
+    name: str = _f("", help="run name; default: the config file's stem")
+    run_dir: str = _f("", help="default: runs/<name>")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------- loading
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(value, tp, key: str, where: str):
+    """Return `value` converted to `tp`, or raise one line naming key and value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(value, args[0], key, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise NeonError(f"{where}: '{key}' must be a mapping, got {value!r}")
+        return from_dict(tp, value, where, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise NeonError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _check_range(value, meta, key: str, where: str):
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise NeonError(f"{where}: '{key}' = {value!r} is not one of {meta['choices']}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise NeonError(f"{where}: '{key}' = {value!r} is below the minimum {meta['min']}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise NeonError(f"{where}: '{key}' = {value!r} is above the maximum {meta['max']}")
+
+
+def unknown_key_error(key: str, valid: list[str], where: str, prefix: str) -> NeonError:
+    full = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+    return NeonError(f"{where}: unknown key '{full}'{hint}")
+
+
+def from_dict(cls, data: dict, where: str, prefix: str = ""):
+    """Build dataclass `cls` from a plain dict, validating keys, types and ranges."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise unknown_key_error(str(key), list(fields), where, prefix)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        value = _check_value(value, hints[name], key, where)
+        _check_range(value, fields[name].metadata, key, where)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` (value parsed as YAML) to the raw config dict."""
+    if "=" not in assignment:
+        raise NeonError(f"--set {assignment!r}: expected key=value")
+    dotted, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise NeonError(f"--set {dotted}: cannot parse value {text!r} ({e})") from None
+    node = raw
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise NeonError(f"--set {dotted}: '{part}' is not a mapping")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    raw: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        p = pathlib.Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise NeonError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise NeonError(f"{p}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise NeonError(f"{p}: the top level must be a mapping")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    if overrides:
+        where += " (with --set)"
+    cfg = from_dict(Config, raw, where)
+    if not cfg.name:
+        cfg.name = pathlib.Path(path).stem if path else "default"
+    if not cfg.run_dir:
+        cfg.run_dir = str(pathlib.Path("runs") / cfg.name)
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: Config, where: str) -> None:
+    """Cross-field checks and model-specific sections (via the model registry)."""
+    from .models.registry import get_spec
+
+    spec = get_spec(cfg.model.name, where)
+    spec.parse_args(cfg.model.args, where, "model.args")
+    if not cfg.synth.samplers:
+        raise NeonError(f"{where}: 'synth.samplers' is empty: give at least one sampler setting")
+    for i, s in enumerate(cfg.synth.samplers):
+        if not isinstance(s, dict):
+            raise NeonError(f"{where}: 'synth.samplers[{i}]' must be a mapping, got {s!r}")
+        spec.parse_sampler(s, where, f"synth.samplers[{i}]")
+    spec.parse_sampler(cfg.eval.sampler, where, "eval.sampler")
+    steps = cfg.train.save_steps
+    if not steps or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in steps):
+        raise NeonError(f"{where}: 'train.save_steps' must be a non-empty list of positive integers, got {steps!r}")
+    if len(cfg.train.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.train.betas):
+        raise NeonError(f"{where}: 'train.betas' must be two numbers in [0, 1), got {cfg.train.betas!r}")
+    if cfg.sweep.guidance_key is not None:
+        if not cfg.sweep.guidance:
+            raise NeonError(f"{where}: 'sweep.guidance' is empty but sweep.guidance_key = {cfg.sweep.guidance_key!r}")
+        spec.parse_sampler({cfg.sweep.guidance_key: cfg.sweep.guidance[0]}, where, "sweep.guidance_key")
+    elif cfg.sweep.guidance:
+        raise NeonError(f"{where}: 'sweep.guidance' is set but 'sweep.guidance_key' is not")
+    cfg.sweep.w_grid()  # raises on an empty grid
+    if cfg.base.weights is None and not spec.has_real_data:
+        raise NeonError(f"{where}: 'base.weights' is required for model {cfg.model.name!r} (it has no built-in data)")

@@ -1,0 +1,86 @@
+"""Model registry: name -> ModelSpec, the only interface the stages use.
+
+A spec knows how to build its network, compute its training loss on a batch, sample with a
+sampler setting, map samples to metric features and (for toys) draw real data. It knows nothing
+of DeepSpeed, shards or sweeps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import ClassVar
+
+import torch
+
+from ..errors import NeonError
+
+
+class ModelSpec:
+    name: ClassVar[str]
+    Args: ClassVar[type]        # dataclass of constructor arguments (config: model.args)
+    Sampler: ClassVar[type]     # dataclass of sampler settings (config: synth.samplers, eval.sampler)
+    has_real_data: ClassVar[bool] = False
+
+    # -- configuration
+    def parse_args(self, raw: dict, where: str = "<config>", key: str = "model.args"):
+        from ..config import from_dict
+
+        return from_dict(self.Args, raw or {}, where, prefix=key)
+
+    def parse_sampler(self, raw: dict, where: str = "<config>", key: str = "sampler"):
+        from ..config import from_dict
+
+        return from_dict(self.Sampler, raw or {}, where, prefix=key)
+
+    # -- the model
+    def build(self, args) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module, n: int, gen: torch.Generator, sampler) -> dict[str, torch.Tensor]:
+        """Draw n samples; returns named tensors with a leading batch dimension."""
+        raise NotImplementedError
+
+    # -- data and metric
+    def real_data(self, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NeonError(f"model {self.name!r} has no built-in real data: set base.weights")
+
+    def features(self, samples: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Metric features of samples, float64 [n, d]."""
+        raise NotImplementedError
+
+    def reference_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, sigma) of the real distribution in feature space, float64."""
+        raise NotImplementedError
+
+    metric_name: ClassVar[str] = "fid"
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec_cls: type[ModelSpec]) -> type[ModelSpec]:
+    assert dataclasses.is_dataclass(spec_cls.Args) and dataclasses.is_dataclass(spec_cls.Sampler)
+    _REGISTRY[spec_cls.name] = spec_cls()
+    return spec_cls
+
+
+def _load_builtin() -> None:
+    from . import toy  # noqa: F401  (registers the toy models)
+
+
+def get_spec(name: str, where: str = "<config>") -> ModelSpec:
+    _load_builtin()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.0)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise NeonError(f"{where}: unknown model 'model.name' = {name!r}{hint}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)

@@ -1,0 +1,48 @@
+"""Run the stages of a config in order: base -> synth -> train -> sweep.
+
+Each stage reads only the artifacts of the stages before it and is skipped when its output is
+complete for this config; a stage run alone checks that its inputs exist.
+"""
+from __future__ import annotations
+
+import time
+
+import yaml
+
+from . import dist
+from .config import Config
+from .console import log
+from .errors import NeonError
+from .io import write_text
+from .stages import base, synth, sweep, train
+from .stages.common import RunContext, StageDir
+
+STAGES = {"base": base.run, "synth": synth.run, "train": train.run, "sweep": sweep.run}
+ORDER = list(STAGES)
+
+
+def _require_previous(ctx: RunContext, stage: str) -> None:
+    i = ORDER.index(stage)
+    if i == 0:
+        return
+    prev = ORDER[i - 1]
+    if not StageDir(ctx.run_dir / prev, ctx.fingerprint(prev), prev).is_done():
+        raise NeonError(f"stage '{stage}' needs the output of '{prev}' in {ctx.run_dir / prev} for this config; "
+                        f"run `neon {prev}` (or `neon run`) first")
+
+
+def run(cfg: Config, stages: list[str] | None = None) -> dict[str, float]:
+    stages = stages or ORDER
+    ctx = RunContext.from_config(cfg)
+    if dist.is_main():
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(ctx.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log(f"[bold]neon[/] {cfg.name}: model {cfg.model.name}, {dist.world()} rank(s), run dir {ctx.run_dir}")
+    timings = {}
+    for name in stages:
+        _require_previous(ctx, name)
+        start = time.perf_counter()
+        STAGES[name](ctx)
+        timings[name] = time.perf_counter() - start
+        log(f"[dim]{name}: {timings[name]:.1f} s[/]")
+    return timings

@@ -1,0 +1,110 @@
+"""What every stage shares: the run context, config fingerprints and stage directories.
+
+A stage directory holds a FINGERPRINT of the config it was produced with (its own section and
+those of the stages before it). Outputs from another config are cleared before the stage runs;
+`done.json` marks a finished stage, which is then skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import shutil
+from dataclasses import dataclass
+
+from .. import dist
+from ..config import Config
+from ..console import log
+from ..io import read_json, write_json, write_text
+from ..models.registry import ModelSpec, get_spec
+
+# Settings that change how a stage runs but not what it produces.
+_OPERATIONAL = {"log_every", "ckpt_every", "batch_size", "chunk"}
+
+
+def _section(obj) -> dict:
+    d = dataclasses.asdict(obj)
+    return {k: v for k, v in d.items() if k not in _OPERATIONAL}
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sampler_tag(settings: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in settings.items()) or "default"
+
+
+@dataclass
+class RunContext:
+    cfg: Config
+    spec: ModelSpec
+    run_dir: pathlib.Path
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "RunContext":
+        return cls(cfg, get_spec(cfg.model.name), pathlib.Path(cfg.run_dir))
+
+    def fingerprint(self, stage: str) -> str:
+        c = self.cfg
+        base = _hash(_section(c.model), _section(c.base) if c.base.weights is None else {"weights": c.base.weights})
+        if stage == "base":
+            return base
+        synth = _hash(base, _section(c.synth))
+        if stage == "synth":
+            return synth
+        train = _hash(synth, _section(c.train))
+        if stage == "train":
+            return train
+        if stage == "eval":  # what evaluated points depend on (the sweep's cache key)
+            return _hash(train, _section(c.eval))
+        if stage == "sweep":
+            return _hash(train, _section(c.eval), _section(c.sweep))
+        raise KeyError(stage)
+
+    def base_weights(self) -> pathlib.Path:
+        return self.run_dir / "base" / "model.safetensors"
+
+    def synth_dir(self, settings: dict) -> pathlib.Path:
+        return self.run_dir / "synth" / sampler_tag(settings)
+
+    def train_dir(self, settings: dict) -> pathlib.Path:
+        return self.run_dir / "train" / sampler_tag(settings)
+
+    def checkpoints(self) -> list[dict]:
+        """Every fine-tuned theta_s the sweep evaluates: one per (sampler setting, save step)."""
+        out = []
+        for settings in self.cfg.synth.samplers:
+            for step in sorted(self.cfg.train.save_steps):
+                out.append({"name": f"{sampler_tag(settings)}/step-{step}", "sampler": dict(settings), "steps": step,
+                            "path": self.train_dir(settings) / f"theta_s-step{step:06d}.safetensors"})
+        return out
+
+
+class StageDir:
+    def __init__(self, path: pathlib.Path, fingerprint: str, stage: str):
+        self.path, self.fp, self.stage = path, fingerprint, stage
+
+    def is_done(self) -> bool:
+        done = self.path / "done.json"
+        return done.is_file() and read_json(done).get("fingerprint") == self.fp
+
+    def prepare(self, keep_fingerprint: str | None = None) -> None:
+        """Clear outputs made with another config (rank 0), then record ours. Collective."""
+        own = keep_fingerprint or self.fp
+        if dist.is_main():
+            fp_file = self.path / "FINGERPRINT"
+            if self.path.exists() and (not fp_file.is_file() or fp_file.read_text().strip() != own):
+                log(f"[yellow]{self.stage}: {self.path} was made with another config: clearing it[/]")
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not fp_file.is_file():
+                write_text(fp_file, own + "\n")
+            (self.path / "done.json").unlink(missing_ok=True)
+        dist.barrier()
+
+    def mark_done(self, **info) -> None:
+        if dist.is_main():
+            write_json(self.path / "done.json", {"fingerprint": self.fp, **info})
+        dist.barrier()

@@ -1,0 +1,65 @@
+"""Stage `synth`: draw S from theta_r with each configured sampler, as webdataset shards.
+
+Shard c of a set holds samples [c * shard_size, ...) drawn with the random stream (seed,
+setting, c) by rank c mod world, so the set is the same whatever the number of ranks; existing
+shards are complete (atomic writes) and skipped on resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .. import dist, rng
+from ..console import log, progress
+from ..data.shards import MANIFEST, shard_name, write_shard
+from ..io import load_into, load_state_dict, write_json
+from .common import RunContext, StageDir, sampler_tag
+
+
+def load_model(ctx: RunContext, path) -> torch.nn.Module:
+    model = ctx.spec.build(ctx.spec.parse_args(ctx.cfg.model.args))
+    load_into(model, load_state_dict(path), str(path))
+    return model.eval()
+
+
+def sample_chunked(ctx: RunContext, model, count: int, gen: torch.Generator, sampler, batch_size: int) -> dict[str, torch.Tensor]:
+    parts = []
+    for start in range(0, count, batch_size):
+        parts.append(ctx.spec.sample(model, min(batch_size, count - start), gen, sampler))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def run(ctx: RunContext) -> None:
+    cfg = ctx.cfg.synth
+    stage = StageDir(ctx.run_dir / "synth", ctx.fingerprint("synth"), "synth")
+    if stage.is_done():
+        log("synth: complete, skipped")
+        return
+    stage.prepare()
+    model = load_model(ctx, ctx.base_weights())
+    rank, world = dist.rank(), dist.world()
+    n_shards = math.ceil(cfg.n / cfg.shard_size)
+    for settings in cfg.samplers:
+        sampler = ctx.spec.parse_sampler(settings)
+        tag = sampler_tag(settings)
+        set_dir = ctx.synth_dir(settings)
+        set_dir.mkdir(parents=True, exist_ok=True)
+        record_settings = {"sampler": dataclasses.asdict(sampler), "model": ctx.cfg.model.name}
+        mine = list(range(rank, n_shards, world))
+        with progress(f"synth {tag}", len(mine)) as bar:
+            for c in mine:
+                count = min(cfg.shard_size, cfg.n - c * cfg.shard_size)
+                path = set_dir / shard_name(c)
+                if not path.exists():
+                    gen = rng.generator(cfg.seed, tag, c)
+                    samples = sample_chunked(ctx, model, count, gen, sampler, cfg.batch_size)
+                    write_shard(path, samples, record_settings, key_prefix=f"{c:06d}")
+                bar.update()
+        dist.barrier()
+        if dist.is_main():
+            shards = [{"name": shard_name(c), "count": min(cfg.shard_size, cfg.n - c * cfg.shard_size)} for c in range(n_shards)]
+            write_json(set_dir / MANIFEST, {"sampler": settings, "n": cfg.n, "shards": shards})
+        log(f"synth {tag}: {cfg.n} samples in {n_shards} shard(s) -> {set_dir}")
+    stage.mark_done()

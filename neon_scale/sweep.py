@@ -1,0 +1,68 @@
+"""The selection rule over (w, guidance) for one fine-tune checkpoint, independent of models.
+
+`early_stop` (the authors' rule, NEON.md "Selection"): the outer loop walks the w grid outwards
+from w = 0 (the baseline, always evaluated), in both directions, and stops a direction when the
+best metric of a w is more than `tol` worse than that of the previous w; the inner loop walks
+the guidance values in order and stops when the metric rises more than `tol` above the best of
+that w. Then a 3 x 3 refine grid of +-refine_w, +-refine_guidance around the best point.
+The authors swept w > 0 only (mode-seeking samplers); walking both ways from 0 lets the same
+rule find w < 0 for diversity-seeking samplers.
+`grid`: every (w, guidance) of the grid, no refine.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+Point = tuple[float, Optional[float]]
+
+
+def _key(w: float, g: Optional[float]) -> Point:
+    return round(w, 6), (None if g is None else round(g, 6))
+
+
+def search(evaluate: Callable[[float, Optional[float]], float], w_grid: list[float], guidance: list,
+           mode: str = "early_stop", tol: float = 0.0, refine_w: float = 0.0, refine_guidance: float = 0.0
+           ) -> tuple[Point, float, dict[Point, float]]:
+    """Return (best point, best metric, every evaluated point -> metric)."""
+    if not w_grid:
+        raise ValueError("empty w grid")
+    guidance = list(guidance) or [None]
+    seen: dict[Point, float] = {}
+
+    def ev(w, g) -> float:
+        key = _key(w, g)
+        if key not in seen:
+            seen[key] = evaluate(*key)
+        return seen[key]
+
+    def best_over_guidance(w: float) -> float:
+        best = math.inf
+        for g in guidance:
+            m = ev(w, g)
+            if m < best:
+                best = m
+            elif mode == "early_stop" and m > best + tol:
+                break
+        return best
+
+    if mode == "grid":
+        for w in w_grid:
+            best_over_guidance(w)
+    else:
+        at_zero = best_over_guidance(0.0)
+        for side in ([w for w in w_grid if w > 0], [w for w in reversed(w_grid) if w < 0]):
+            prev = at_zero
+            for w in side:
+                b = best_over_guidance(w)
+                if b > prev + tol:
+                    break
+                prev = b
+        (bw, bg), _ = min(seen.items(), key=lambda kv: kv[1])
+        dws = (-refine_w, 0.0, refine_w) if refine_w > 0 else (0.0,)
+        dgs = (-refine_guidance, 0.0, refine_guidance) if refine_guidance > 0 and len(guidance) > 1 else (0.0,)
+        for dw in dws:
+            for dg in dgs:
+                ev(bw + dw, None if bg is None else bg + dg)
+    best, metric = min(seen.items(), key=lambda kv: kv[1])
+    return best, metric, seen
