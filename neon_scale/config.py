@@ -7,6 +7,7 @@ validated against the dataclasses the model registers (see models/registry.py).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -24,12 +25,8 @@ from .errors import NeonError
 def _f(default, *, min=None, max=None, choices=None, help=""):
     meta = {"min": min, "max": max, "choices": choices, "help": help}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: _copy(d), metadata=meta)
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-def _copy(x):
-    return yaml.safe_load(yaml.safe_dump(x))
 
 
 @dataclass

@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from . import dist
 
@@ -49,6 +55,3 @@ def progress(description: str, total: int):
 
         yield _Bar()
 
-
-def flush() -> None:
-    sys.stdout.flush()

@@ -14,7 +14,7 @@ from .config import Config
 from .console import log
 from .errors import NeonError
 from .io import write_text
-from .stages import base, synth, sweep, train
+from .stages import base, sweep, synth, train
 from .stages.common import RunContext, StageDir
 
 STAGES = {"base": base.run, "synth": synth.run, "train": train.run, "sweep": sweep.run}

@@ -2,6 +2,7 @@
 resume after SIGKILL in the middle of `train` and of `sweep`."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,24 @@ def test_rerun_skips_every_finished_stage(small_run):
     for stage in ("base", "synth", "train", "sweep"):
         assert f"{stage}: complete, skipped" in proc.stdout
     assert summary(run_dir) == before and "Neon sweep" in proc.stdout
+
+
+def test_changed_setting_redoes_only_the_stages_it_affects(small_run, tmp_path):
+    src, _ = small_run
+    run_dir = tmp_path / "copy"
+    shutil.copytree(src, run_dir)
+    before = [json.loads(x) for x in (run_dir / "sweep" / "results.jsonl").read_text().splitlines()]
+    proc = neon("run", "--config", str(TOY), "--run-dir", str(run_dir), *small_overrides("sweep.refine_w=0.1"))
+    assert proc.returncode == 0, proc.stderr
+    for stage in ("base", "synth", "train"):
+        assert f"{stage}: complete, skipped" in proc.stdout
+    assert "sweep: complete, skipped" not in proc.stdout
+    after = [json.loads(x) for x in (run_dir / "sweep" / "results.jsonl").read_text().splitlines()]
+    assert after[: len(before)] == before and len(after) > len(before)  # evaluated points were reused
+    proc = neon("run", "--config", str(TOY), "--run-dir", str(run_dir), *small_overrides("train.lr=2e-5"))
+    assert proc.returncode == 0, proc.stderr
+    assert "synth: complete, skipped" in proc.stdout and "train: complete, skipped" not in proc.stdout
+    assert "was made with another config: clearing it" in proc.stdout
 
 
 def _start(run_dir):

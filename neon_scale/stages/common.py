@@ -13,14 +13,17 @@ import pathlib
 import shutil
 from dataclasses import dataclass
 
+import torch
+
 from .. import dist
 from ..config import Config
 from ..console import log
-from ..io import read_json, write_json, write_text
+from ..io import load_into, load_state_dict, read_json, write_json, write_text
 from ..models.registry import ModelSpec, get_spec
 
-# Settings that change how a stage runs but not what it produces.
-_OPERATIONAL = {"log_every", "ckpt_every", "batch_size", "chunk"}
+# Settings that change how a stage runs but not what it produces. (Sampling batch sizes and eval
+# chunks are not among them: they decide which random numbers each sample gets.)
+_OPERATIONAL = {"log_every", "ckpt_every"}
 
 
 def _section(obj) -> dict:
@@ -62,6 +65,12 @@ class RunContext:
         if stage == "sweep":
             return _hash(train, _section(c.eval), _section(c.sweep))
         raise KeyError(stage)
+
+    def load_model(self, weights: pathlib.Path) -> torch.nn.Module:
+        """The configured model with `weights` loaded strictly, in eval mode."""
+        model = self.spec.build(self.spec.parse_args(self.cfg.model.args))
+        load_into(model, load_state_dict(weights), str(weights))
+        return model.eval()
 
     def base_weights(self) -> pathlib.Path:
         return self.run_dir / "base" / "model.safetensors"

@@ -18,7 +18,6 @@ from ..merge.extrapolate import extrapolate_state
 from ..metrics.sample_eval import evaluate
 from ..sweep import search
 from .common import RunContext, StageDir
-from .synth import load_model
 
 
 class PointStore:
@@ -106,7 +105,7 @@ def run(ctx: RunContext) -> None:
     stage.prepare(keep_fingerprint=ctx.fingerprint("eval"))
     store = PointStore(stage.path / "results.jsonl")
     base_state = load_state_dict(ctx.base_weights())
-    model = load_model(ctx, ctx.base_weights())
+    model = ctx.load_model(ctx.base_weights())
     sw, ev = cfg.sweep, cfg.eval
     summary = []
     checkpoints = ctx.checkpoints()

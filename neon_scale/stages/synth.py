@@ -14,14 +14,8 @@ import torch
 from .. import dist, rng
 from ..console import log, progress
 from ..data.shards import MANIFEST, shard_name, write_shard
-from ..io import load_into, load_state_dict, write_json
+from ..io import write_json
 from .common import RunContext, StageDir, sampler_tag
-
-
-def load_model(ctx: RunContext, path) -> torch.nn.Module:
-    model = ctx.spec.build(ctx.spec.parse_args(ctx.cfg.model.args))
-    load_into(model, load_state_dict(path), str(path))
-    return model.eval()
 
 
 def sample_chunked(ctx: RunContext, model, count: int, gen: torch.Generator, sampler, batch_size: int) -> dict[str, torch.Tensor]:
@@ -38,7 +32,7 @@ def run(ctx: RunContext) -> None:
         log("synth: complete, skipped")
         return
     stage.prepare()
-    model = load_model(ctx, ctx.base_weights())
+    model = ctx.load_model(ctx.base_weights())
     rank, world = dist.rank(), dist.world()
     n_shards = math.ceil(cfg.n / cfg.shard_size)
     for settings in cfg.samplers:

@@ -19,7 +19,6 @@ from ..errors import NeonError
 from ..io import save_state_dict, write_json
 from ..train.engine import full_fp32_state_dict, initialize, micro_batch_size
 from .common import RunContext, StageDir, sampler_tag
-from .synth import load_model
 
 
 def _resume(engine, ckpt_dir) -> int:
@@ -59,7 +58,7 @@ def finetune(ctx: RunContext, settings: dict) -> None:
         return
     rank, world = dist.rank(), dist.world()
     batches = load_rank_batches(ctx.synth_dir(settings), micro_batch_size(cfg, world), cfg.seed, rank, world)
-    model = load_model(ctx, ctx.base_weights()).train()
+    model = ctx.load_model(ctx.base_weights()).train()
     engine = initialize(ctx.spec, model, cfg, world)
     start = _resume(engine, ckpt_dir)
     if start:
