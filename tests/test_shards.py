@@ -1,6 +1,9 @@
 """Synthetic sets as real webdataset tars: round trip, corrupt shards, deterministic batches."""
+import io
+import json
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,8 +23,11 @@ def test_round_trip_and_record_layout(tmp_path):
     path, x = _shard(tmp_path)
     with tarfile.open(path) as tar:
         names = tar.getnames()
-    assert names[:3] == ["000000-000000.npy", "000000-000000.json", "000000-000000.cls"] or \
-        set(names[:3]) == {"000000-000000.npy", "000000-000000.json", "000000-000000.cls"}
+        settings = json.loads(tar.extractfile("000000-000007.json").read())
+        sample = np.load(io.BytesIO(tar.extractfile("000000-000007.npy").read()))
+    assert set(names[:3]) == {"000000-000000.npy", "000000-000000.json", "000000-000000.cls"}
+    assert len(names) == 150 and settings == {"sampler": {"zeta": 1.1}}
+    assert np.array_equal(sample, x[7].numpy())
     data = read_shards([path], [50])
     assert torch.equal(data["x"], x) and torch.equal(data["cls"], torch.arange(50))
     assert not list(tmp_path.glob("*.tmp"))
