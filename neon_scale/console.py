@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 from rich.console import Console
 from rich.progress import (
@@ -34,15 +35,37 @@ class _NullProgress:
         pass
 
 
+class _LineProgress:
+    """Without a terminal (Slurm logs, CI): one line per 10% of the work, with elapsed time."""
+
+    def __init__(self, description: str, total: int):
+        self.description, self.total = description, max(total, 1)
+        self.done, self.info, self.start, self.last_decile = 0, "", time.perf_counter(), 0
+
+    def update(self, advance: int = 1, info: str | None = None, completed: int | None = None):
+        self.done = completed if completed is not None else self.done + advance
+        self.info = info if info is not None else self.info
+        decile = min(10, self.done * 10 // self.total)
+        if decile > self.last_decile:
+            self.last_decile = decile
+            elapsed = time.perf_counter() - self.start
+            console.print(f"{self.description}: {self.done}/{self.total} ({elapsed:.0f} s) {self.info}".rstrip(),
+                          markup=False)
+
+
 @contextlib.contextmanager
 def progress(description: str, total: int):
-    """A progress bar on rank 0; `bar.update(advance=k, info="...")`; a no-op elsewhere."""
+    """A progress bar on rank 0 (lines at 10% steps without a terminal); a no-op elsewhere.
+    Use as `bar.update(advance=k, info="...")` or `bar.update(completed=n)`."""
     if not dist.is_main():
         yield _NullProgress()
         return
+    if not console.is_terminal:
+        yield _LineProgress(description, total)
+        return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-    with Progress(*columns, console=console, transient=not console.is_terminal, disable=not console.is_terminal) as p:
+    with Progress(*columns, console=console, transient=True) as p:
         task = p.add_task(description, total=total, info="")
 
         class _Bar:
@@ -54,4 +77,3 @@ def progress(description: str, total: int):
                     p.update(task, advance=advance, **kw)
 
         yield _Bar()
-

@@ -4,7 +4,8 @@
 from w = 0 (the baseline, always evaluated), in both directions, and stops a direction when the
 best metric of a w is more than `tol` worse than that of the previous w; the inner loop walks
 the guidance values in order and stops when the metric rises more than `tol` above the best of
-that w. Then a 3 x 3 refine grid of +-refine_w, +-refine_guidance around the best point.
+that w. Then a 3 x 3 refine grid of +-refine_w, +-refine_guidance around the best point
+(w kept inside the grid's range).
 The authors swept w > 0 only (mode-seeking samplers); walking both ways from 0 lets the same
 rule find w < 0 for diversity-seeking samplers.
 `grid`: every (w, guidance) of the grid, no refine.
@@ -61,8 +62,10 @@ def search(evaluate: Callable[[float, Optional[float]], float], w_grid: list[flo
         (bw, bg), _ = min(seen.items(), key=lambda kv: kv[1])
         dws = (-refine_w, 0.0, refine_w) if refine_w > 0 else (0.0,)
         dgs = (-refine_guidance, 0.0, refine_guidance) if refine_guidance > 0 and len(guidance) > 1 else (0.0,)
+        lo, hi = min(w_grid), max(w_grid)
         for dw in dws:
             for dg in dgs:
-                ev(bw + dw, None if bg is None else bg + dg)
+                if lo - 1e-9 <= bw + dw <= hi + 1e-9:  # the refine grid stays inside the configured w range
+                    ev(bw + dw, None if bg is None else bg + dg)
     best, metric = min(seen.items(), key=lambda kv: kv[1])
     return best, metric, seen

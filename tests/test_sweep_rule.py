@@ -43,6 +43,12 @@ def test_inner_guidance_loop_and_refine_grid():
     assert {(0.9, 1.9), (1.1, 2.1), (0.9, 2.1), (1.1, 1.9)} <= set(calls)  # 3 x 3 refine
 
 
+def test_refine_stays_inside_the_w_range():
+    ev, calls = counting(lambda w, g: -w)  # best at the upper edge
+    (bw, _), _, _ = search(ev, GRID, [], tol=0.0, refine_w=0.1)
+    assert bw == 2.0 and max(w for w, _ in calls) == 2.0 and (1.9, None) in calls
+
+
 def test_grid_mode_evaluates_everything_without_refine():
     ev, calls = counting(lambda w, g: (w - 1.1) ** 2)
     (bw, _), _, seen = search(ev, GRID, [], mode="grid", refine_w=0.1)

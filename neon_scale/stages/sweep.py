@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .. import dist
 from ..console import console, log, progress
-from ..io import load_into, load_state_dict, write_json, write_text
+from ..io import atomic_path, load_into, load_state_dict, write_json, write_text
 from ..merge.extrapolate import extrapolate_state
 from ..metrics.sample_eval import evaluate
 from ..sweep import search
@@ -75,10 +75,9 @@ def _plot(summary: list[dict], store: PointStore, path, metric_name: str) -> Non
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def print_summary(summary: list[dict], metric_name: str) -> None:

@@ -16,7 +16,7 @@ from .. import dist, rng
 from ..console import log, progress
 from ..data.loader import load_rank_batches
 from ..errors import NeonError
-from ..io import save_state_dict, write_json
+from ..io import save_state_dict, write_json, write_text
 from ..train.engine import full_fp32_state_dict, initialize, micro_batch_size
 from .common import RunContext, StageDir, sampler_tag
 
@@ -45,7 +45,7 @@ def _trim_metrics(path, step: int) -> None:
     """Drop log lines past the resumed step so the file reads like an uninterrupted run."""
     if dist.is_main() and path.is_file():
         lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        write_text(path, "".join(ln + "\n" for ln in lines))
 
 
 def finetune(ctx: RunContext, settings: dict) -> None:
