@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import NeonError
+from .errors import NeonError, name_keys
 
 
 @contextlib.contextmanager
@@ -83,9 +83,9 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: s
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing:
-        raise NeonError(f"{source}: missing key '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise NeonError(f"{source}: missing key {name_keys(missing)}")
     if unexpected:
-        raise NeonError(f"{source}: unexpected key '{unexpected[0]}'" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        raise NeonError(f"{source}: unexpected key {name_keys(unexpected)}")
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise NeonError(f"{source}: key '{k}' has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import NeonError
+from ..errors import NeonError, name_keys
 
 
 def extrapolate_tensor(base: torch.Tensor, synth: torch.Tensor, w: float) -> torch.Tensor:
@@ -36,7 +36,7 @@ def extrapolate_state(base: dict[str, torch.Tensor], synth: dict[str, torch.Tens
     """Merge two state dicts with the policy above. Keys only in theta_s are an error."""
     extra = [k for k in synth if k not in base]
     if extra:
-        raise NeonError(f"theta_s has key '{extra[0]}' that the base lacks" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise NeonError(f"theta_s has key {name_keys(extra)} that the base lacks")
     report = report if report is not None else MergeReport()
     out = {}
     for key, b in base.items():
