@@ -33,6 +33,24 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def _add_merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="theta_r: .safetensors, safetensors dir with index, .pt/.pth, or DeepSpeed checkpoint dir")
+    p.add_argument("synth", metavar="self", help="theta_s (the self-trained weights), same formats")
+    p.add_argument("--w", type=float, action="append", required=True,
+                   help="extrapolation weight (repeatable: several outputs OUT/w=<w>/ from one read)")
+    p.add_argument("-o", "--out", required=True, help="output directory")
+    p.add_argument("--tag", help="DeepSpeed checkpoint tag for both inputs (default: 'latest')")
+    p.add_argument("--base-tag", help="tag for BASE only")
+    p.add_argument("--self-tag", help="tag for SELF only")
+    p.add_argument("--key", help="sub-dict of a .pt/.pth file: ema, model_ema, model, state_dict (default: the only one)")
+    p.add_argument("--base-key", help="sub-dict for BASE only")
+    p.add_argument("--self-key", help="sub-dict for SELF only")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast float tensors (default: keep each dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neon", description="Neon: improve a generator by extrapolating away from its own self-training.",
@@ -40,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in STAGE_HELP.items():
         _add_run_args(sub.add_parser(name, help=help_text, description=help_text))
+    merge_help = "theta_r + w (theta_r - theta_s) from two checkpoints to safetensors, streaming"
+    _add_merge_args(sub.add_parser("merge", help=merge_help, description=merge_help))
     return parser
 
 
@@ -68,7 +88,12 @@ def run_command(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        run_command(args)
+        if args.command == "merge":
+            from .merge.engine import run_cli
+
+            run_cli(args)
+        else:
+            run_command(args)
     except NeonError as e:
         if args.debug:
             raise

@@ -1,9 +1,13 @@
 """The Neon merge, once: theta_neon = theta_r + w (theta_r - theta_s) = lerp(theta_r, theta_s, -w).
 
-Policy (from the authors' runs): non-float tensors are copied from the base; elements where the
-base is not finite (e.g. -inf attention masks) keep the base value; keys missing from theta_s
-keep the base. Arithmetic is fp32 (fp64 for fp64 tensors); the result has the base's dtype.
-On CUDA the fused Triton kernel (neon_scale.kernels.extrapolate) does the element-wise work.
+Policy (from the authors' runs), shared by every merge path (in-memory dicts, the streaming
+`neon merge`, the in-place partition merge):
+- non-float tensors are copied from the base;
+- elements where the base is not finite (e.g. -inf attention masks) keep the base value;
+- keys missing from theta_s keep the base (with a warning);
+- keys only in theta_s, shape mismatches and float/non-float mismatches are errors.
+Arithmetic is fp32 (fp64 for fp64 tensors); the result has the base's dtype. On CUDA the fused
+Triton kernel (neon_scale.kernels.extrapolate) does the element-wise work.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import NeonError, name_keys
+
+MERGE, COPY_NON_FLOAT, COPY_MISSING = "merge", "copy-non-float", "copy-missing"
 
 
 def extrapolate_tensor(base: torch.Tensor, synth: torch.Tensor, w: float) -> torch.Tensor:
@@ -23,6 +29,23 @@ def extrapolate_tensor(base: torch.Tensor, synth: torch.Tensor, w: float) -> tor
     return extrapolate_reference(base, synth, w)
 
 
+def check_keys(base_keys, synth_keys) -> None:
+    extra = [k for k in synth_keys if k not in set(base_keys)]
+    if extra:
+        raise NeonError(f"theta_s has key {name_keys(extra)} that the base lacks")
+
+
+def action_for(key: str, base_shape, base_dtype: torch.dtype, synth_shape=None, synth_dtype=None) -> str:
+    """What the policy does with one key (raises for the error cases)."""
+    if synth_shape is None:
+        return COPY_MISSING
+    if tuple(synth_shape) != tuple(base_shape):
+        raise NeonError(f"key '{key}': base shape {tuple(base_shape)} vs theta_s shape {tuple(synth_shape)}")
+    if base_dtype.is_floating_point != synth_dtype.is_floating_point:
+        raise NeonError(f"key '{key}': base dtype {base_dtype} vs theta_s dtype {synth_dtype} (float vs non-float)")
+    return MERGE if base_dtype.is_floating_point else COPY_NON_FLOAT
+
+
 @dataclass
 class MergeReport:
     merged: int = 0
@@ -30,28 +53,26 @@ class MergeReport:
     missing_in_synth: list[str] = field(default_factory=list)
     non_finite_elements: int = 0
 
+    def record(self, key: str, action: str, base: torch.Tensor | None = None) -> None:
+        if action == COPY_MISSING:
+            self.missing_in_synth.append(key)
+        elif action == COPY_NON_FLOAT:
+            self.copied_non_float.append(key)
+        else:
+            self.merged += 1
+            if base is not None:
+                self.non_finite_elements += int((~torch.isfinite(base)).sum())
+
 
 def extrapolate_state(base: dict[str, torch.Tensor], synth: dict[str, torch.Tensor], w: float,
                       report: MergeReport | None = None) -> dict[str, torch.Tensor]:
-    """Merge two state dicts with the policy above. Keys only in theta_s are an error."""
-    extra = [k for k in synth if k not in base]
-    if extra:
-        raise NeonError(f"theta_s has key {name_keys(extra)} that the base lacks")
+    """Merge two in-memory state dicts with the policy above."""
+    check_keys(base, synth)
     report = report if report is not None else MergeReport()
     out = {}
     for key, b in base.items():
-        if key not in synth:
-            report.missing_in_synth.append(key)
-            out[key] = b.clone()
-            continue
-        s = synth[key]
-        if tuple(s.shape) != tuple(b.shape):
-            raise NeonError(f"key '{key}': base shape {tuple(b.shape)} vs theta_s shape {tuple(s.shape)}")
-        if not b.is_floating_point():
-            report.copied_non_float.append(key)
-            out[key] = b.clone()
-            continue
-        report.non_finite_elements += int((~torch.isfinite(b)).sum())
-        out[key] = extrapolate_tensor(b, s, w)
-        report.merged += 1
+        s = synth.get(key)
+        action = action_for(key, b.shape, b.dtype, None if s is None else s.shape, None if s is None else s.dtype)
+        report.record(key, action, b)
+        out[key] = extrapolate_tensor(b, s, w) if action == MERGE else b.clone()
     return out

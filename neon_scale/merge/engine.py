@@ -1,0 +1,157 @@
+"""`neon merge`: stream theta_r + w (theta_r - theta_s) from two checkpoints to safetensors.
+
+One read of the inputs serves every w: tensors are read one pair at a time (lazily: safetensors
+`safe_open`, mmap for torch and DeepSpeed files), merged in flat chunks of at most CHUNK bytes
+and appended to one streaming writer per w. Resident memory is about the base tensor + the
+theta_s tensor + one chunk, whatever the model size. Outputs are built in a temporary directory
+next to OUT and renamed into place at the end; on any error nothing is left behind.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import NeonError
+from .extrapolate import MERGE, MergeReport, action_for, check_keys, extrapolate_tensor
+from .tensors import (
+    StreamingSafetensorsWriter,
+    TensorMeta,
+    TensorSource,
+    plan_shards,
+    shard_file_names,
+    write_index,
+)
+
+CHUNK_BYTES = 64 << 20
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class MergeSummary(MergeReport):
+    # per top-level module: [sum (theta_r - theta_s)^2, sum theta_r^2] in float64
+    moved: dict[str, list[float]] = field(default_factory=dict)
+    outputs: dict[float, pathlib.Path] = field(default_factory=dict)
+    bytes_written: int = 0
+
+    def add_norms(self, key: str, base: torch.Tensor, synth: torch.Tensor) -> None:
+        b, s = base.double(), synth.double()
+        finite = torch.isfinite(b)
+        acc = self.moved.setdefault(key.split(".")[0], [0.0, 0.0])
+        acc[0] += float(((b - s)[finite] ** 2).sum())
+        acc[1] += float((b[finite] ** 2).sum())
+
+    def relative_moves(self) -> dict[str, float]:
+        return {m: math.sqrt(d / n) if n > 0 else float("nan") for m, (d, n) in self.moved.items()}
+
+
+def w_dir_name(w: float) -> str:
+    return f"w={w:g}"
+
+
+def _merge_chunks(base: torch.Tensor, synth: torch.Tensor, w: float, out_dtype: torch.dtype):
+    """Yield the merged tensor as contiguous flat chunks (bounded memory for huge tensors)."""
+    b, s = base.reshape(-1), synth.reshape(-1)
+    step = max(1, CHUNK_BYTES // max(1, b.element_size()))
+    for start in range(0, b.numel(), step):
+        yield extrapolate_tensor(b[start:start + step], s[start:start + step], w).to(out_dtype)
+
+
+def merge_checkpoints(base: TensorSource, synth: TensorSource, ws: list[float], out: pathlib.Path, *,
+                      max_shard_size: int = 5 * 10**9, dtype: str | None = None, overwrite: bool = False,
+                      progress=None) -> MergeSummary:
+    """Write one safetensors checkpoint per w (OUT itself for one w, OUT/w=<w>/ for several)."""
+    if not ws:
+        raise NeonError("merge: give at least one --w")
+    if len(set(ws)) != len(ws):
+        raise NeonError(f"merge: repeated --w values {ws}")
+    if out.exists() and not overwrite:
+        raise NeonError(f"{out}: already exists (use --overwrite to replace it)")
+    base_keys, synth_keys = base.keys(), synth.keys()
+    check_keys(base_keys, synth_keys)
+    synth_set = set(synth_keys)
+    summary = MergeSummary()
+    entries, actions = [], {}
+    for key in base_keys:
+        bm = base.meta(key)
+        sm = synth.meta(key) if key in synth_set else None
+        actions[key] = action_for(key, bm.shape, bm.dtype, None if sm is None else sm.shape, None if sm is None else sm.dtype)
+        out_dtype = DTYPES[dtype] if dtype and bm.dtype.is_floating_point else bm.dtype
+        entries.append((key, TensorMeta(bm.shape, out_dtype)))
+    shards = plan_shards(entries, max_shard_size)
+    names = shard_file_names(len(shards))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        dirs = {w: staging if len(ws) == 1 else staging / w_dir_name(w) for w in ws}
+        for d in dirs.values():
+            d.mkdir(parents=True, exist_ok=True)
+        for shard, name in zip(shards, names):
+            writers = {w: StreamingSafetensorsWriter(dirs[w] / name, shard, {"format": "pt", "neon_w": w}) for w in ws}
+            for key, meta in shard:
+                b = base.get(key)
+                action = actions[key]
+                if action == MERGE:
+                    s = synth.get(key)
+                    summary.add_norms(key, b, s)
+                    for w, writer in writers.items():
+                        for chunk in _merge_chunks(b, s, w, meta.dtype):
+                            writer.write_bytes(chunk)
+                        writer.end_tensor(key)
+                    del s
+                else:
+                    for writer in writers.values():
+                        writer.write(key, b)
+                summary.record(key, action, b if action == MERGE else None)
+                summary.bytes_written += meta.nbytes * len(ws)
+                del b
+                if progress is not None:
+                    progress.update(advance=meta.nbytes)
+            for writer in writers.values():
+                writer.close()
+        if len(shards) > 1:
+            for d in dirs.values():
+                write_index(d, shards, names)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    summary.outputs = {w: out if len(ws) == 1 else out / w_dir_name(w) for w in ws}
+    return summary
+
+
+def run_cli(args) -> None:
+    """`neon merge` from parsed arguments (see cli.py): open, merge, print the summary."""
+    from rich.table import Table
+
+    from ..console import console, progress
+    from .tensors import open_source, parse_size
+
+    max_shard = parse_size(args.max_shard_size)
+    with open_source(args.base, tag=args.base_tag or args.tag, key=args.base_key or args.key) as base, \
+            open_source(args.synth, tag=args.self_tag or args.tag, key=args.self_key or args.key) as synth:
+        total = sum(base.meta(k).nbytes for k in base.keys())
+        with progress("merge", total) as bar:
+            summary = merge_checkpoints(base, synth, args.w, pathlib.Path(args.out), max_shard_size=max_shard,
+                                        dtype=args.dtype, overwrite=args.overwrite, progress=bar)
+    for key in summary.missing_in_synth:
+        console.print(f"[yellow]warning:[/] '{key}' is not in {args.synth}: copied from the base")
+    console.print(f"merged {summary.merged} tensors; copied {len(summary.copied_non_float)} non-float and "
+                  f"{len(summary.missing_in_synth)} missing from theta_s; {summary.non_finite_elements} non-finite "
+                  f"base elements kept; {summary.bytes_written / 1e9:.3f} GB written")
+    table = Table(title="how far self-training moved each module: ||theta_r - theta_s|| / ||theta_r||")
+    table.add_column("module")
+    table.add_column("relative move", justify="right")
+    for module, move in summary.relative_moves().items():
+        table.add_row(module, f"{move:.3e}")
+    console.print(table)
+    for w, path in summary.outputs.items():
+        console.print(f"w = {w:g} -> {path}")

@@ -1,0 +1,280 @@
+"""Lazy, tensor-at-a-time access to checkpoints, and a streaming safetensors writer.
+
+Sources (`open_source`): a `.safetensors` file; a directory of safetensors shards with a Hugging
+Face `model.safetensors.index.json`; a PyTorch `.pt`/`.pth` file (read with weights_only=True and
+mmap, `key` picks a sub-dict); a DeepSpeed checkpoint directory (ZeRO 1/2/3 fp32 master
+partitions, see zero.py). A source lists keys with shape and dtype without reading data, and
+`get(key)` reads one tensor.
+
+The writer knows every output tensor's shape and dtype up front (from the sources' metadata), so
+it writes each safetensors header first and then streams tensor bytes in order: one tensor in
+memory at a time, shards of at most `max_shard_size` bytes, an index when there are several.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import struct
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import NeonError
+
+INDEX_NAME = "model.safetensors.index.json"
+TORCH_SUB_DICTS = ("ema", "model_ema", "model", "state_dict", "module")
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class TensorSource:
+    """Interface: keys in storage order, metadata without reading data, one tensor per get."""
+
+    name: str
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def meta(self, key: str) -> TensorMeta:
+        raise NotImplementedError
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SafetensorsSource(TensorSource):
+    def __init__(self, path: pathlib.Path):
+        self.name = str(path)
+        if path.is_dir():
+            index = path / INDEX_NAME
+            if not index.is_file():
+                raise NeonError(f"{path}: a directory of safetensors needs {INDEX_NAME}")
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise NeonError(f"{index}: not a valid safetensors index ({e})") from None
+            files = {f: path / f for f in dict.fromkeys(weight_map.values())}
+        else:
+            weight_map, files = None, {path.name: path}
+        self._handles = {}
+        for fname, fpath in files.items():
+            if not fpath.is_file():
+                raise NeonError(f"{fpath}: file not found (listed in {self.name})")
+            try:
+                self._handles[fname] = safe_open(str(fpath), framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise NeonError(f"{fpath}: cannot read safetensors file ({e})") from None
+        if weight_map is None:
+            (fname,) = files
+            weight_map = {k: fname for k in self._handles[fname].keys()}
+        self._where = weight_map
+        self._meta = {}
+        for key, fname in weight_map.items():
+            sl = self._handles[fname].get_slice(key)
+            self._meta[key] = TensorMeta(tuple(sl.get_shape()), _dtype_from_st(sl.get_dtype(), fpath=files[fname]))
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def meta(self, key: str) -> TensorMeta:
+        return self._meta[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._handles[self._where[key]].get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise NeonError(f"{self.name}: cannot read tensor '{key}' ({e})") from None
+
+
+def _dtype_from_st(code: str, fpath) -> torch.dtype:
+    for dt, c in _ST_DTYPES.items():
+        if c == code:
+            return dt
+    raise NeonError(f"{fpath}: unsupported safetensors dtype {code}")
+
+
+class TorchSource(TensorSource):
+    """A .pt/.pth file, loaded with weights_only=True and mmap (tensors stay on disk until used)."""
+
+    def __init__(self, path: pathlib.Path, key: str | None):
+        self.name = str(path)
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # pickle / zip errors of every flavour
+            raise NeonError(f"{path}: cannot read PyTorch file with weights_only=True ({type(e).__name__}: {e})") from None
+        self._state = _pick_state_dict(obj, key, path)
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def meta(self, key: str) -> TensorMeta:
+        t = self._state[key]
+        return TensorMeta(tuple(t.shape), t.dtype)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._state[key]
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _pick_state_dict(obj, key: str | None, path) -> dict[str, torch.Tensor]:
+    if key is not None:
+        if not isinstance(obj, dict) or key not in obj:
+            found = sorted(k for k in obj if isinstance(obj, dict) and isinstance(obj.get(k), dict)) if isinstance(obj, dict) else []
+            raise NeonError(f"{path}: no sub-dict --key {key!r}; candidates: {found}")
+        obj = obj[key]
+        if not _is_state_dict(obj):
+            raise NeonError(f"{path}: --key {key!r} is not a dict of tensors")
+        return obj
+    if _is_state_dict(obj):
+        return obj
+    if isinstance(obj, dict):
+        candidates = [k for k in TORCH_SUB_DICTS if _is_state_dict(obj.get(k))]
+        if len(candidates) == 1:
+            return obj[candidates[0]]
+        if len(candidates) > 1:
+            raise NeonError(f"{path}: several state dicts {candidates}; pick one with --key")
+        others = sorted(k for k, v in obj.items() if _is_state_dict(v))
+        raise NeonError(f"{path}: no state dict found; candidates for --key: {others}")
+    raise NeonError(f"{path}: not a state dict (a {type(obj).__name__})")
+
+
+def open_source(path: str | os.PathLike, *, tag: str | None = None, key: str | None = None) -> TensorSource:
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise NeonError(f"{p}: no such file or directory")
+    if not os.access(p, os.R_OK):
+        raise NeonError(f"{p}: permission denied")
+    if p.is_dir():
+        if (p / INDEX_NAME).is_file():
+            return SafetensorsSource(p)
+        from .zero import ZeroCheckpointSource, is_zero_checkpoint
+
+        if is_zero_checkpoint(p, tag):
+            return ZeroCheckpointSource(p, tag)
+        raise NeonError(f"{p}: neither a safetensors directory ({INDEX_NAME}) nor a DeepSpeed checkpoint ('latest' or --tag)")
+    if p.suffix == ".safetensors":
+        return SafetensorsSource(p)
+    if p.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        return TorchSource(p, key)
+    raise NeonError(f"{p}: unknown checkpoint format (expected .safetensors, .pt/.pth, or a directory)")
+
+
+# ---------------------------------------------------------------------------------- writing
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise NeonError(f"--max-shard-size {text!r}: expected a size such as 5GB or 500MB")
+    unit = m.group(2).upper().rstrip("B").rstrip("I")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit]
+    if "I" in m.group(2).upper():
+        scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def plan_shards(entries: list[tuple[str, TensorMeta]], max_shard_size: int) -> list[list[tuple[str, TensorMeta]]]:
+    """Consecutive keys grouped into shards of at most max_shard_size bytes (a larger tensor
+    gets a shard of its own)."""
+    shards: list[list[tuple[str, TensorMeta]]] = [[]]
+    size = 0
+    for key, meta in entries:
+        if shards[-1] and size + meta.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, meta))
+        size += meta.nbytes
+    return shards
+
+
+def shard_file_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+class StreamingSafetensorsWriter:
+    """Writes one safetensors file whose header is known in advance, tensor by tensor, in order."""
+
+    def __init__(self, path: pathlib.Path, entries: list[tuple[str, TensorMeta]], metadata: dict | None = None):
+        self.path, self.entries = path, entries
+        header: dict = {}
+        offset = 0
+        for key, meta in entries:
+            header[key] = {"dtype": _ST_DTYPES[meta.dtype], "shape": list(meta.shape),
+                           "data_offsets": [offset, offset + meta.nbytes]}
+            offset += meta.nbytes
+        if metadata:
+            header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+        self._pending = 0
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Append one whole tensor (the next in header order)."""
+        self.write_bytes(tensor.to(self.entries[self._next][1].dtype))
+        self.end_tensor(key)
+
+    def write_bytes(self, part: torch.Tensor) -> None:
+        """Append part of the current tensor (flat chunks, in order)."""
+        t = part.detach().contiguous().cpu()
+        if t.numel():
+            self._file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self._pending += t.numel() * t.element_size()
+
+    def end_tensor(self, key: str) -> None:
+        want_key, meta = self.entries[self._next]
+        if key != want_key or self._pending != meta.nbytes:
+            raise RuntimeError(f"{self.path}: wrote {self._pending} bytes for '{key}', the header says "
+                               f"{meta.nbytes} bytes for '{want_key}'")
+        self._next += 1
+        self._pending = 0
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        if self._next != len(self.entries):
+            raise RuntimeError(f"{self.path}: {len(self.entries) - self._next} tensors were not written")
+
+
+def write_index(directory: pathlib.Path, shards: list[list[tuple[str, TensorMeta]]], names: Iterable[str]) -> None:
+    weight_map = {key: name for shard, name in zip(shards, names) for key, _ in shard}
+    total = sum(meta.nbytes for shard in shards for _, meta in shard)
+    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
