@@ -1,5 +1,6 @@
 """Stage `sweep` (merge + eval + selection): for every fine-tune checkpoint, evaluate
 theta_r + w (theta_r - theta_s) over (w, guidance) with the selection rule of neon_scale.sweep.
+The merge is done in place on the live model by neon_scale.merge.inplace (Delta kept per tensor).
 
 Every evaluated point is appended to sweep/results.jsonl (rewritten atomically), which doubles as
 the cache that makes a killed sweep resume where it stopped. w = 0 is the base model: evaluated
@@ -13,8 +14,8 @@ from rich.table import Table
 
 from .. import dist
 from ..console import console, log, progress
-from ..io import atomic_path, load_into, load_state_dict, write_json, write_text
-from ..merge.extrapolate import extrapolate_state
+from ..io import atomic_path, load_state_dict, write_json, write_text
+from ..merge.inplace import Extrapolator, module_slots
 from ..metrics.sample_eval import evaluate
 from ..sweep import search
 from .common import RunContext, StageDir
@@ -110,9 +111,10 @@ def run(ctx: RunContext) -> None:
     checkpoints = ctx.checkpoints()
     with progress("sweep", len(checkpoints)) as bar:
         for ckpt in checkpoints:
-            synth_state = load_state_dict(ckpt["path"])
+            # theta_r and Delta kept per tensor: each w is one pass over the weights, not a reload
+            extrapolator = Extrapolator(module_slots(model, base_state, load_state_dict(ckpt["path"])))
 
-            def metric_at(w, g, n=ev.n, ckpt=ckpt, synth_state=synth_state):
+            def metric_at(w, g, n=ev.n, ckpt=ckpt, extrapolator=extrapolator):
                 row = {"checkpoint": ckpt["name"], "steps": ckpt["steps"], "sampler": ckpt["sampler"], "w": w, "n": n}
                 eval_sampler = dict(ev.sampler)
                 if sw.guidance_key is not None:
@@ -120,7 +122,7 @@ def run(ctx: RunContext) -> None:
                     eval_sampler[sw.guidance_key] = g
                 metric = store.cached(row)
                 if metric is None:
-                    load_into(model, extrapolate_state(base_state, synth_state, w), str(ckpt["path"]))
+                    extrapolator.set_w(w)
                     metric = evaluate(ctx.spec, model, ctx.spec.parse_sampler(eval_sampler), n, ev.seed, ev.chunk)
                 store.add({**row, "eval_sampler": eval_sampler, "metric_name": ctx.spec.metric_name, "metric": metric})
                 return metric
