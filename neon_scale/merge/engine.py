@@ -59,7 +59,10 @@ def _merge_chunks(base: torch.Tensor, synth: torch.Tensor, w: float, out_dtype: 
     b, s = base.reshape(-1), synth.reshape(-1)
     step = max(1, CHUNK_BYTES // max(1, b.element_size()))
     for start in range(0, b.numel(), step):
-        yield extrapolate_tensor(b[start:start + step], s[start:start + step], w).to(out_dtype)
+        bc, sc = b[start:start + step], s[start:start + step]
+        if out_dtype != bc.dtype and bc.dtype != torch.float64:  # one rounding: fp32 result -> out dtype
+            bc, sc = bc.float(), sc.float()
+        yield extrapolate_tensor(bc, sc, w).to(out_dtype)
 
 
 def merge_checkpoints(base: TensorSource, synth: TensorSource, ws: list[float], out: pathlib.Path, *,
