@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from neon_scale.merge.extrapolate import extrapolate_state
 from neon_scale.merge.tensors import SafetensorsSource

@@ -1,7 +1,7 @@
 """Lazy, tensor-at-a-time access to checkpoints, and a streaming safetensors writer.
 
-Sources (`open_source`): a `.safetensors` file; a directory of safetensors shards with a Hugging
-Face `model.safetensors.index.json`; a PyTorch `.pt`/`.pth` file (read with weights_only=True and
+Sources (`open_source`): a `.safetensors` file or a directory of shards with a Hugging Face
+`model.safetensors.index.json` (headers parsed here, tensors read with positioned reads); a PyTorch `.pt`/`.pth` file (read with weights_only=True and
 mmap, `key` picks a sub-dict); a DeepSpeed checkpoint directory (ZeRO 1/2/3 fp32 master
 partitions, see zero.py). A source lists keys with shape and dtype without reading data, and
 `get(key)` reads one tensor.
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import NeonError
 
@@ -73,6 +72,10 @@ class TensorSource:
 
 
 class SafetensorsSource(TensorSource):
+    """A .safetensors file or a directory of shards with an index. Headers are parsed at open
+    (a file shorter than its header says is reported then); `get` reads one tensor's bytes with a
+    positioned read (no mmap: pages of a whole checkpoint never pile up in resident memory)."""
+
     def __init__(self, path: pathlib.Path):
         self.name = str(path)
         if path.is_dir():
@@ -83,37 +86,75 @@ class SafetensorsSource(TensorSource):
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise NeonError(f"{index}: not a valid safetensors index ({e})") from None
-            files = {f: path / f for f in dict.fromkeys(weight_map.values())}
+            files = [path / f for f in dict.fromkeys(weight_map.values())]
         else:
-            weight_map, files = None, {path.name: path}
-        self._handles = {}
-        for fname, fpath in files.items():
+            weight_map, files = None, [path]
+        self._entries: dict[str, tuple[pathlib.Path, int, TensorMeta]] = {}
+        for fpath in files:
             if not fpath.is_file():
                 raise NeonError(f"{fpath}: file not found (listed in {self.name})")
-            try:
-                self._handles[fname] = safe_open(str(fpath), framework="pt")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise NeonError(f"{fpath}: cannot read safetensors file ({e})") from None
-        if weight_map is None:
-            (fname,) = files
-            weight_map = {k: fname for k in self._handles[fname].keys()}
-        self._where = weight_map
-        self._meta = {}
-        for key, fname in weight_map.items():
-            sl = self._handles[fname].get_slice(key)
-            self._meta[key] = TensorMeta(tuple(sl.get_shape()), _dtype_from_st(sl.get_dtype(), fpath=files[fname]))
+            for key, (offset, meta) in _read_header(fpath).items():
+                self._entries[key] = (fpath, offset, meta)
+        if weight_map is not None:
+            missing = [k for k in weight_map if k not in self._entries]
+            if missing:
+                raise NeonError(f"{self.name}: index lists '{missing[0]}' but its file does not hold it")
+            self._keys = list(weight_map)
+        else:
+            self._keys = list(self._entries)
+        self._files: dict[pathlib.Path, object] = {}
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return self._keys
 
     def meta(self, key: str) -> TensorMeta:
-        return self._meta[key]
+        return self._entries[key][2]
 
     def get(self, key: str) -> torch.Tensor:
+        fpath, offset, meta = self._entries[key]
+        if fpath not in self._files:
+            self._files[fpath] = open(fpath, "rb")
+        out = torch.empty(meta.shape, dtype=meta.dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if meta.nbytes else memoryview(b"")
+        f = self._files[fpath]
+        f.seek(offset)
+        if f.readinto(view) != meta.nbytes:
+            raise NeonError(f"{fpath}: truncated while reading '{key}'")
+        return out
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def _read_header(fpath: pathlib.Path) -> dict[str, tuple[int, TensorMeta]]:
+    """key -> (absolute byte offset, meta), validated against the file size."""
+    size = fpath.stat().st_size
+    try:
+        with open(fpath, "rb") as f:
+            (hlen,) = struct.unpack("<Q", f.read(8))
+            if hlen > size - 8:
+                raise ValueError(f"header length {hlen} exceeds the file size {size}")
+            header = json.loads(f.read(hlen))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise NeonError(f"{fpath}: not a valid safetensors file ({e})") from None
+    out, end = {}, 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
         try:
-            return self._handles[self._where[key]].get_tensor(key)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise NeonError(f"{self.name}: cannot read tensor '{key}' ({e})") from None
+            start, stop = info["data_offsets"]
+            meta = TensorMeta(tuple(info["shape"]), _dtype_from_st(info["dtype"], fpath))
+        except (KeyError, TypeError, ValueError) as e:
+            raise NeonError(f"{fpath}: bad header entry for '{key}' ({e})") from None
+        if stop - start != meta.nbytes:
+            raise NeonError(f"{fpath}: '{key}' has {stop - start} bytes for shape {meta.shape} {meta.dtype}")
+        out[key] = (8 + hlen + start, meta)
+        end = max(end, stop)
+    if 8 + hlen + end > size:
+        raise NeonError(f"{fpath}: truncated safetensors file ({size} bytes, the header needs {8 + hlen + end})")
+    return out
 
 
 def _dtype_from_st(code: str, fpath) -> torch.dtype:
