@@ -14,13 +14,16 @@ TRITON_INTERPRET=1 (tests).
 - non-contiguous inputs are made contiguous first (a copy); a non-contiguous out is computed into
   a contiguous buffer and written back with `copy_`, so the returned tensors are the given outs.
 `extrapolate(base, synth, w, out=None)` is the one-tensor call of the same kernel.
-`extrapolate_reference` is the pure-torch twin the tests compare against.
+`extrapolate_reference` (kernels/reference.py, re-exported here) is the pure-torch twin the tests
+compare against and the production path without CUDA.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .reference import extrapolate_reference  # noqa: F401  (the kernel's torch twin, re-exported)
 
 BLOCK = 1024
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -108,11 +111,3 @@ def extrapolate(base: torch.Tensor, synth: torch.Tensor, w: float, out: torch.Te
     if base.shape != synth.shape:
         raise ValueError(f"shape mismatch: {tuple(base.shape)} vs {tuple(synth.shape)}")
     return extrapolate_many([base], [synth], w, None if out is None else [out])[0]
-
-
-def extrapolate_reference(base: torch.Tensor, synth: torch.Tensor, w: float) -> torch.Tensor:
-    """The formula in torch ops: fp32 arithmetic (fp64 for fp64 tensors), the base's dtype out."""
-    acc = torch.float64 if base.dtype == torch.float64 else torch.float32
-    b, s = base.to(acc), synth.to(acc)
-    out = torch.where(torch.isfinite(b), b + w * (b - s), b)
-    return out.to(base.dtype)

@@ -28,7 +28,7 @@ from .tensors import (
     write_index,
 )
 
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 8 << 20
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -54,15 +54,18 @@ def w_dir_name(w: float) -> str:
     return f"w={w:g}"
 
 
-def _merge_chunks(base: torch.Tensor, synth: torch.Tensor, w: float, out_dtype: torch.dtype):
-    """Yield the merged tensor as contiguous flat chunks (bounded memory for huge tensors)."""
+def _chunks(base: torch.Tensor, synth: torch.Tensor):
+    """Matching flat chunks of at most CHUNK_BYTES (bounded temporaries for huge tensors)."""
     b, s = base.reshape(-1), synth.reshape(-1)
     step = max(1, CHUNK_BYTES // max(1, b.element_size()))
     for start in range(0, b.numel(), step):
-        bc, sc = b[start:start + step], s[start:start + step]
-        if out_dtype != bc.dtype and bc.dtype != torch.float64:  # one rounding: fp32 result -> out dtype
-            bc, sc = bc.float(), sc.float()
-        yield extrapolate_tensor(bc, sc, w).to(out_dtype)
+        yield b[start:start + step], s[start:start + step]
+
+
+def _merge_chunk(b: torch.Tensor, s: torch.Tensor, w: float, out_dtype: torch.dtype) -> torch.Tensor:
+    if out_dtype != b.dtype and b.dtype != torch.float64:  # one rounding: fp32 result -> out dtype
+        b, s = b.float(), s.float()
+    return extrapolate_tensor(b, s, w).to(out_dtype)
 
 
 def merge_checkpoints(base: TensorSource, synth: TensorSource, ws: list[float], out: pathlib.Path, *,
@@ -102,10 +105,11 @@ def merge_checkpoints(base: TensorSource, synth: TensorSource, ws: list[float], 
                 action = actions[key]
                 if action == MERGE:
                     s = synth.get(key)
-                    summary.add_norms(key, b, s)
-                    for w, writer in writers.items():
-                        for chunk in _merge_chunks(b, s, w, meta.dtype):
-                            writer.write_bytes(chunk)
+                    for bc, sc in _chunks(b, s):
+                        summary.add_norms(key, bc, sc)
+                        for w, writer in writers.items():
+                            writer.write_bytes(_merge_chunk(bc, sc, w, meta.dtype))
+                    for writer in writers.values():
                         writer.end_tensor(key)
                     del s
                 else:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from neon_scale.kernels.reference import extrapolate_reference
+
 from ..errors import NeonError, name_keys
 
 MERGE, COPY_NON_FLOAT, COPY_MISSING = "merge", "copy-non-float", "copy-missing"
@@ -22,9 +24,11 @@ MERGE, COPY_NON_FLOAT, COPY_MISSING = "merge", "copy-non-float", "copy-missing"
 
 def extrapolate_tensor(base: torch.Tensor, synth: torch.Tensor, w: float) -> torch.Tensor:
     """Merge one float tensor: the Triton kernel on CUDA, its torch reference elsewhere."""
-    from neon_scale.kernels.extrapolate import extrapolate, extrapolate_reference
-
     if base.is_cuda and base.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        from neon_scale.kernels.extrapolate import (
+            extrapolate,  # imports Triton: CUDA only
+        )
+
         return extrapolate(base, synth.to(base.device), w)
     return extrapolate_reference(base, synth, w)
 
