@@ -28,7 +28,7 @@ from .tensors import (
     write_index,
 )
 
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 4 << 20
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -40,11 +40,13 @@ class MergeSummary(MergeReport):
     bytes_written: int = 0
 
     def add_norms(self, key: str, base: torch.Tensor, synth: torch.Tensor) -> None:
-        b, s = base.double(), synth.double()
-        finite = torch.isfinite(b)
+        """Accumulate ||b - s||^2 and ||b||^2 (float64 sums; non-finite base elements left out)."""
+        finite = torch.isfinite(base)
+        if not bool(finite.all()):
+            base, synth = base[finite], synth[finite]
         acc = self.moved.setdefault(key.split(".")[0], [0.0, 0.0])
-        acc[0] += float(((b - s)[finite] ** 2).sum())
-        acc[1] += float((b[finite] ** 2).sum())
+        acc[0] += float(torch.linalg.vector_norm(torch.sub(base.float(), synth.float()), dtype=torch.float64) ** 2)
+        acc[1] += float(torch.linalg.vector_norm(base, dtype=torch.float64) ** 2)
 
     def relative_moves(self) -> dict[str, float]:
         return {m: math.sqrt(d / n) if n > 0 else float("nan") for m, (d, n) in self.moved.items()}
@@ -66,6 +68,19 @@ def _merge_chunk(b: torch.Tensor, s: torch.Tensor, w: float, out_dtype: torch.dt
     if out_dtype != b.dtype and b.dtype != torch.float64:  # one rounding: fp32 result -> out dtype
         b, s = b.float(), s.float()
     return extrapolate_tensor(b, s, w).to(out_dtype)
+
+
+def _merge_tensor(key: str, b: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype,
+                  writers: dict[float, StreamingSafetensorsWriter], summary: MergeSummary) -> None:
+    """Chunk by chunk into every writer. A function of its own so that the chunk views (which
+    keep both input storages alive) are gone before the next tensor is read."""
+    for bc, sc in _chunks(b, s):
+        summary.add_norms(key, bc, sc)
+        summary.count_non_finite(bc)
+        for w, writer in writers.items():
+            writer.write_bytes(_merge_chunk(bc, sc, w, out_dtype))
+    for writer in writers.values():
+        writer.end_tensor(key)
 
 
 def merge_checkpoints(base: TensorSource, synth: TensorSource, ws: list[float], out: pathlib.Path, *,
@@ -104,18 +119,11 @@ def merge_checkpoints(base: TensorSource, synth: TensorSource, ws: list[float], 
                 b = base.get(key)
                 action = actions[key]
                 if action == MERGE:
-                    s = synth.get(key)
-                    for bc, sc in _chunks(b, s):
-                        summary.add_norms(key, bc, sc)
-                        for w, writer in writers.items():
-                            writer.write_bytes(_merge_chunk(bc, sc, w, meta.dtype))
-                    for writer in writers.values():
-                        writer.end_tensor(key)
-                    del s
+                    _merge_tensor(key, b, synth.get(key), meta.dtype, writers, summary)
                 else:
                     for writer in writers.values():
                         writer.write(key, b)
-                summary.record(key, action, b if action == MERGE else None)
+                summary.record(key, action)
                 summary.bytes_written += meta.nbytes * len(ws)
                 del b
                 if progress is not None:

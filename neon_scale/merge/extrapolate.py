@@ -58,6 +58,7 @@ class MergeReport:
     non_finite_elements: int = 0
 
     def record(self, key: str, action: str, base: torch.Tensor | None = None) -> None:
+        """Count one key; for merged keys, the non-finite elements of `base` (a tensor or a chunk)."""
         if action == COPY_MISSING:
             self.missing_in_synth.append(key)
         elif action == COPY_NON_FLOAT:
@@ -65,7 +66,10 @@ class MergeReport:
         else:
             self.merged += 1
             if base is not None:
-                self.non_finite_elements += int((~torch.isfinite(base)).sum())
+                self.count_non_finite(base)
+
+    def count_non_finite(self, base: torch.Tensor) -> None:
+        self.non_finite_elements += base.numel() - int(torch.count_nonzero(torch.isfinite(base)))
 
 
 def extrapolate_state(base: dict[str, torch.Tensor], synth: dict[str, torch.Tensor], w: float,

@@ -34,7 +34,11 @@ def delta_of(base: torch.Tensor, synth: torch.Tensor) -> tuple[torch.Tensor, tor
 def apply_delta(base: torch.Tensor, delta: torch.Tensor, w: float) -> torch.Tensor:
     """The Neon formula with Delta precomputed: the same operations, in the same precision, as
     kernels.extrapolate.extrapolate_reference (b + w (b - s), base kept where not finite)."""
-    return torch.where(torch.isfinite(base), base + w * delta, base)
+    out = torch.mul(delta, w).add_(base)
+    finite = torch.isfinite(base)
+    if not bool(finite.all()):
+        torch.where(finite, out, base, out=out)
+    return out
 
 
 class Extrapolator:
