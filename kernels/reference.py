@@ -11,7 +11,12 @@ def extrapolate_reference(base: torch.Tensor, synth: torch.Tensor, w: float) -> 
     b, s = base.to(acc), synth.to(acc)
     # (b - s) * w + b: the same three roundings as b + w * (b - s), in one buffer, in place
     out = torch.sub(b, s).mul_(w).add_(b)
-    finite = torch.isfinite(b)
-    if not bool(finite.all()):
-        torch.where(finite, out, b, out=out)
+    if not has_only_finite(b):
+        torch.where(torch.isfinite(b), out, b, out=out)
     return out.to(base.dtype)
+
+
+def has_only_finite(x: torch.Tensor) -> bool:
+    """Cheap test: a NaN or inf element makes the sum non-finite (a finite sum proves none; an
+    overflowing sum only sends the caller down the exact, slower path)."""
+    return bool(torch.isfinite(x.sum()))

@@ -65,3 +65,13 @@ def test_key_only_in_synth_and_shape_mismatch_are_errors():
         extrapolate_state({"a": torch.zeros(2)}, {"a": torch.zeros(2), "extra": torch.zeros(1)}, 1.0)
     with pytest.raises(NeonError, match=r"key 'a': base shape \(2,\) vs theta_s shape \(3,\)"):
         extrapolate_state({"a": torch.zeros(2)}, {"a": torch.zeros(3)}, 1.0)
+
+
+def test_finite_values_whose_sum_overflows_take_the_exact_path():
+    from neon_scale.kernels.reference import has_only_finite
+
+    base = {"x": torch.tensor([3e38, 3e38, 1.0, -2.0])}
+    synth = {"x": torch.tensor([3e38, 3e38, 0.0, -1.0])}
+    assert not has_only_finite(base["x"]) and bool(torch.isfinite(base["x"]).all())
+    out = extrapolate_state(base, synth, 0.5)["x"]
+    torch.testing.assert_close(out, torch.tensor([3e38, 3e38, 1.5, -2.5]))

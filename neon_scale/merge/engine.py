@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from neon_scale.kernels.reference import has_only_finite
+
 from ..errors import NeonError
 from .extrapolate import MERGE, MergeReport, action_for, check_keys, extrapolate_tensor
 from .tensors import (
@@ -41,8 +43,8 @@ class MergeSummary(MergeReport):
 
     def add_norms(self, key: str, base: torch.Tensor, synth: torch.Tensor) -> None:
         """Accumulate ||b - s||^2 and ||b||^2 (float64 sums; non-finite base elements left out)."""
-        finite = torch.isfinite(base)
-        if not bool(finite.all()):
+        if not has_only_finite(base):
+            finite = torch.isfinite(base)
             base, synth = base[finite], synth[finite]
         acc = self.moved.setdefault(key.split(".")[0], [0.0, 0.0])
         acc[0] += float(torch.linalg.vector_norm(torch.sub(base.float(), synth.float()), dtype=torch.float64) ** 2)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neon_scale.kernels.reference import extrapolate_reference
+from neon_scale.kernels.reference import extrapolate_reference, has_only_finite
 
 from ..errors import NeonError, name_keys
 
@@ -69,7 +69,8 @@ class MergeReport:
                 self.count_non_finite(base)
 
     def count_non_finite(self, base: torch.Tensor) -> None:
-        self.non_finite_elements += base.numel() - int(torch.count_nonzero(torch.isfinite(base)))
+        if not has_only_finite(base):
+            self.non_finite_elements += base.numel() - int(torch.count_nonzero(torch.isfinite(base)))
 
 
 def extrapolate_state(base: dict[str, torch.Tensor], synth: dict[str, torch.Tensor], w: float,

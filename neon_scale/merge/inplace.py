@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from neon_scale.kernels.reference import has_only_finite
+
 from .. import dist
 from .extrapolate import MERGE, action_for, check_keys
 
@@ -35,9 +37,8 @@ def apply_delta(base: torch.Tensor, delta: torch.Tensor, w: float) -> torch.Tens
     """The Neon formula with Delta precomputed: the same operations, in the same precision, as
     kernels.extrapolate.extrapolate_reference (b + w (b - s), base kept where not finite)."""
     out = torch.mul(delta, w).add_(base)
-    finite = torch.isfinite(base)
-    if not bool(finite.all()):
-        torch.where(finite, out, base, out=out)
+    if not has_only_finite(base):
+        torch.where(torch.isfinite(base), out, base, out=out)
     return out
 
 
