@@ -1,7 +1,7 @@
 """Started by tests/test_inplace.py with 2 ranks: a ZeRO-3 engine holding theta_s merges its own
 partitions in place for each w; the gathered parameters are saved by rank 0 for comparison.
 
-usage: torchrun --nproc_per_node 2 tests/inplace_zero3_worker.py BASE SYNTH OUT_DIR W [W ...]
+usage: torchrun --nproc_per_node 2 tests/inplace_zero3_worker.py BASE SYNTH OUT_DIR fp32|bf16 W [W ...]
 """
 import pathlib
 import sys
@@ -29,12 +29,13 @@ def main() -> None:
     from neon_scale.io import save_state_dict
     from neon_scale.merge.inplace import Extrapolator, zero3_slots
 
-    base_path, synth_path, out_dir, *ws = sys.argv[1:]
+    base_path, synth_path, out_dir, precision, *ws = sys.argv[1:]
     dist.init()
     model = TinyNet()
     model.load_state_dict(load_file(synth_path))
     config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "steps_per_print": 1 << 30}
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "steps_per_print": 1 << 30,
+              "bf16": {"enabled": precision == "bf16"}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     base = load_file(base_path)
     sizes = {id(p): p.ds_tensor.numel() for p in engine.module.parameters()}

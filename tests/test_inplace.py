@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -47,22 +48,29 @@ def test_module_sweep_helper_matches_the_offline_merge_for_every_w():
                    for k in ref)
 
 
-def test_zero3_in_place_merge_on_2_ranks_equals_offline_merge(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero3_in_place_merge_on_2_ranks_equals_offline_merge(tmp_path, precision):
     base, synth = _states(1)
     save_file(base, str(tmp_path / "base.safetensors"))
     save_file(synth, str(tmp_path / "synth.safetensors"))
     ws = [1.5, -0.7]
-    with open_source(tmp_path / "base.safetensors") as b, open_source(tmp_path / "synth.safetensors") as s:
-        merge_checkpoints(b, s, ws, tmp_path / "offline")
+    # What the engine holds: with bf16, DeepSpeed rounds the loaded weights to bf16 and starts the
+    # fp32 masters from them; the offline merge gets the same theta_s.
+    held = {k: v.to(torch.bfloat16).float() for k, v in synth.items()} if precision == "bf16" else synth
+    save_file(held, str(tmp_path / "held.safetensors"))
+    with open_source(tmp_path / "base.safetensors") as b, open_source(tmp_path / "held.safetensors") as s:
+        merge_checkpoints(b, s, ws, tmp_path / "offline")  # fp32, as the fp32 masters
+    with open_source(tmp_path / "base.safetensors") as b, open_source(tmp_path / "held.safetensors") as s:
+        merge_checkpoints(b, s, ws, tmp_path / "offline16", dtype=precision)  # as the 16-bit parameters
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "inplace_zero3_worker.py"), str(tmp_path / "base.safetensors"),
-           str(tmp_path / "synth.safetensors"), str(tmp_path), *map(str, ws)]
+           str(tmp_path / "synth.safetensors"), str(tmp_path), precision, *map(str, ws)]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for w in ws:
-        ref = load_file(str(tmp_path / "offline" / f"w={w:g}" / "model.safetensors"))
-        for kind in ("params", "masters"):
+        for kind, offline in (("params", "offline16"), ("masters", "offline")):
+            ref = load_file(str(tmp_path / offline / f"w={w:g}" / "model.safetensors"))
             got = load_file(str(tmp_path / f"{kind}-w{w:g}.safetensors"))
             assert set(got) == set(ref)
             for k in ref:
-                assert torch.equal(got[k], ref[k]), (kind, w, k)
+                assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), (kind, w, k)
