@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
         _add_run_args(sub.add_parser(name, help=help_text, description=help_text))
     merge_help = "theta_r + w (theta_r - theta_s) from two checkpoints to safetensors, streaming"
     _add_merge_args(sub.add_parser("merge", help=merge_help, description=merge_help))
+    cons_help = "a DeepSpeed ZeRO 1/2/3 checkpoint -> safetensors (fp32 masters), streaming"
+    cons = sub.add_parser("consolidate", help=cons_help, description=cons_help)
+    cons.add_argument("ckpt_dir", help="DeepSpeed checkpoint directory (the one holding 'latest')")
+    cons.add_argument("-o", "--out", required=True, help="output directory")
+    cons.add_argument("--tag", help="checkpoint tag (default: the one named in 'latest')")
+    cons.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast float tensors (default fp32)")
+    cons.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
+    cons.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    cons.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -92,6 +101,10 @@ def main(argv: list[str] | None = None) -> None:
             from .merge.engine import run_cli
 
             run_cli(args)
+        elif args.command == "consolidate":
+            from .checkpoint.consolidate import run_cli as consolidate_cli
+
+            consolidate_cli(args)
         else:
             run_command(args)
     except NeonError as e:

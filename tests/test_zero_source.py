@@ -133,3 +133,34 @@ def test_neon_merge_straight_from_the_zero_checkpoint_equals_merging_zero_to_fp3
         assert sorted(got.keys()) == sorted(expected)
         for k, v in expected.items():
             assert torch.equal(got.get(k), v), (w, k)
+
+
+@pytest.mark.parametrize("stage,precision", CASES)
+def test_neon_consolidate_equals_zero_to_fp32(ckpts, stage, precision, tmp_path):
+    from neon_scale.merge.tensors import SafetensorsSource
+
+    from .conftest import neon
+
+    d = ckpts / case_name(stage, precision)
+    ref = reference(d)
+    proc = neon("consolidate", str(d), "-o", str(tmp_path / "one"))
+    assert proc.returncode == 0, proc.stderr
+    proc = neon("consolidate", str(d), "-o", str(tmp_path / "sharded"), "--max-shard-size", "200B")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    for out in (tmp_path / "one" / "model.safetensors", tmp_path / "sharded"):
+        got = SafetensorsSource(out)
+        assert sorted(got.keys()) == sorted(ref)
+        for k, v in ref.items():
+            assert torch.equal(got.get(k), v.contiguous()), (out, k)
+
+
+def test_neon_consolidate_errors(ckpts, tmp_path):
+    from .conftest import neon
+    from .test_cli import assert_one_line_error
+
+    proc = neon("consolidate", str(tmp_path / "missing"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(proc, "missing: no such checkpoint directory")
+    proc = neon("consolidate", str(ckpts / case_name(2, "fp32")), "-o", str(tmp_path / "out"), "--tag", "nope")
+    assert_one_line_error(proc, "nope")
+    assert not (tmp_path / "out").exists()

@@ -9,10 +9,7 @@ next to OUT and renamed into place at the end; on any error nothing is left behi
 from __future__ import annotations
 
 import math
-import os
 import pathlib
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +24,7 @@ from .tensors import (
     TensorSource,
     plan_shards,
     shard_file_names,
+    staged_output,
     write_index,
 )
 
@@ -93,7 +91,7 @@ def merge_checkpoints(base: TensorSource, synth: TensorSource, ws: list[float], 
         raise NeonError("merge: give at least one --w")
     if len(set(ws)) != len(ws):
         raise NeonError(f"merge: repeated --w values {ws}")
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite:  # checked again by staged_output; early here, before any reading
         raise NeonError(f"{out}: already exists (use --overwrite to replace it)")
     base_keys, synth_keys = base.keys(), synth.keys()
     check_keys(base_keys, synth_keys)
@@ -109,9 +107,7 @@ def merge_checkpoints(base: TensorSource, synth: TensorSource, ws: list[float], 
     shards = plan_shards(entries, max_shard_size)
     names = shard_file_names(len(shards))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_output(out, overwrite) as staging:
         dirs = {w: staging if len(ws) == 1 else staging / w_dir_name(w) for w in ws}
         for d in dirs.values():
             d.mkdir(parents=True, exist_ok=True)
@@ -135,12 +131,6 @@ def merge_checkpoints(base: TensorSource, synth: TensorSource, ws: list[float], 
         if len(shards) > 1:
             for d in dirs.values():
                 write_index(d, shards, names)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     summary.outputs = {w: out if len(ws) == 1 else out / w_dir_name(w) for w in ws}
     return summary
 

@@ -12,13 +12,16 @@ memory at a time, shards of at most `max_shard_size` bytes, an index when there 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import re
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -319,3 +322,39 @@ def write_index(directory: pathlib.Path, shards: list[list[tuple[str, TensorMeta
     weight_map = {key: name for shard, name in zip(shards, names) for key, _ in shard}
     total = sum(meta.nbytes for shard in shards for _, meta in shard)
     (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def staged_output(out: pathlib.Path, overwrite: bool) -> Iterator[pathlib.Path]:
+    """A staging directory next to `out`, renamed onto it if the block succeeds and removed if
+    not: a failed or killed write never leaves a partial OUT."""
+    if out.exists() and not overwrite:
+        raise NeonError(f"{out}: already exists (use --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_checkpoint(directory: pathlib.Path, entries: list[tuple[str, TensorMeta]], fetch: Callable[[str], torch.Tensor],
+                     max_shard_size: int, metadata: dict | None = None, progress=None) -> int:
+    """Stream `fetch(key)` for every entry into safetensors shards (+ index when several) in
+    `directory`, one tensor in memory at a time. Returns the number of shards."""
+    shards = plan_shards(entries, max_shard_size)
+    names = shard_file_names(len(shards))
+    for shard, name in zip(shards, names):
+        writer = StreamingSafetensorsWriter(directory / name, shard, metadata)
+        for key, meta in shard:
+            writer.write(key, fetch(key))
+            if progress is not None:
+                progress.update(advance=meta.nbytes)
+        writer.close()
+    if len(shards) > 1:
+        write_index(directory, shards, names)
+    return len(shards)

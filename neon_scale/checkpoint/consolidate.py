@@ -1,0 +1,49 @@
+"""`neon consolidate`: a DeepSpeed ZeRO 1/2/3 checkpoint -> safetensors, tensor by tensor.
+
+The fp32 master weights are read straight from the partition files (neon_scale.merge.zero: one
+parameter's slices at a time) and streamed into `model.safetensors`, or into
+`model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json` when larger than
+`--max-shard-size`. Peak memory is about one tensor, not the model. Names are those of the
+model's `state_dict()`; the values equal DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import torch
+
+from ..errors import NeonError
+from ..merge.tensors import TensorMeta, parse_size, staged_output, write_checkpoint
+from ..merge.zero import ZeroCheckpointSource, is_zero_checkpoint
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def consolidate(ckpt_dir: pathlib.Path, out: pathlib.Path, *, tag: str | None = None, dtype: str | None = None,
+                max_shard_size: int = 5 * 10**9, overwrite: bool = False, progress=None) -> int:
+    """Write the consolidated checkpoint; returns the number of shards."""
+    if not ckpt_dir.is_dir():
+        raise NeonError(f"{ckpt_dir}: no such checkpoint directory")
+    if not is_zero_checkpoint(ckpt_dir, tag):
+        raise NeonError(f"{ckpt_dir}: not a DeepSpeed ZeRO checkpoint (no 'latest' file{' or tag ' + tag if tag else ''})")
+    with ZeroCheckpointSource(ckpt_dir, tag) as source:
+        cast = DTYPES[dtype] if dtype else None
+        entries = []
+        for key in source.keys():
+            meta = source.meta(key)
+            out_dtype = cast if cast is not None and meta.dtype.is_floating_point else meta.dtype
+            entries.append((key, TensorMeta(meta.shape, out_dtype)))
+        with staged_output(out, overwrite) as staging:
+            return write_checkpoint(staging, entries, source.get, max_shard_size,
+                                    {"format": "pt", "source": str(ckpt_dir)}, progress)
+
+
+def run_cli(args) -> None:
+    from ..console import console, progress
+
+    ckpt_dir, out = pathlib.Path(args.ckpt_dir), pathlib.Path(args.out)
+    with progress("consolidate", 1) as bar:
+        n = consolidate(ckpt_dir, out, tag=args.tag, dtype=args.dtype, max_shard_size=parse_size(args.max_shard_size),
+                        overwrite=args.overwrite)
+        bar.update()
+    console.print(f"{ckpt_dir} -> {out} ({n} file{'s' if n > 1 else ''})")
