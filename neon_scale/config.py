@@ -65,6 +65,8 @@ class TrainConfig:
     warmup_steps: int = _f(0, min=0)
     grad_clip: float = _f(0.0, min=0.0, help="0 = off")
     zero_stage: int = _f(2, min=0, max=3)
+    deepspeed_json: Optional[str] = _f(None, help="your own DeepSpeed JSON, validated and merged (its values win, "
+                                                  "batch sizes must agree)")
     dtype: str = _f("fp32", choices=["fp32", "bf16", "fp16"])
     ckpt_every: int = _f(50, min=1, help="DeepSpeed checkpoint interval (steps) for resume")
     log_every: int = _f(10, min=1)
@@ -267,5 +269,9 @@ def validate(cfg: Config, where: str) -> None:
     elif cfg.sweep.guidance:
         raise NeonError(f"{where}: 'sweep.guidance' is set but 'sweep.guidance_key' is not")
     cfg.sweep.w_grid()  # raises on an empty grid
+    if cfg.train.deepspeed_json:  # fail before any stage runs, not at the train stage
+        from .train.engine import load_user_json
+
+        load_user_json(cfg.train.deepspeed_json)
     if cfg.base.weights is None and not spec.has_real_data:
         raise NeonError(f"{where}: 'base.weights' is required for model {cfg.model.name!r} (it has no built-in data)")

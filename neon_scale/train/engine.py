@@ -54,7 +54,73 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     if cfg.warmup_steps > 0:
         ds["scheduler"] = {"type": "WarmupLR", "params": {
             "warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": cfg.warmup_steps, "warmup_type": "linear"}}
+    if cfg.deepspeed_json:
+        user = load_user_json(cfg.deepspeed_json)
+        for key in _BATCH_KEYS:
+            if key in user and user[key] != ds[key]:
+                raise NeonError(f"{cfg.deepspeed_json}: '{key}' = {user[key]} but the config gives {ds[key]} "
+                                f"(train.global_batch / train.grad_accum on {world} rank(s))")
+        ds = _deep_merge(ds, user)
     return ds
+
+
+# Top-level sections DeepSpeed reads besides the scalar keys of deepspeed.runtime.constants.
+_SECTIONS = {
+    "zero_optimization", "bf16", "fp16", "amp", "optimizer", "scheduler", "activation_checkpointing",
+    "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "aio", "checkpoint",
+    "data_efficiency", "compression_training", "autotuning", "elasticity", "pipeline", "sparse_attention",
+    "curriculum_learning", "progressive_layer_drop", "nebula", "weight_quantization", "hybrid_engine",
+    "eigenvalue", "quantize_training", "gradient_clipping", "zero_allow_untested_optimizer", "torch_autocast",
+}
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _known_top_level() -> set[str]:
+    import deepspeed.runtime.constants as constants
+
+    scalars = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str) and v.islower() and " " not in v}
+    return scalars | _SECTIONS
+
+
+def load_user_json(path: str) -> dict:
+    """Read a user's DeepSpeed JSON; one line naming the file and key for anything DeepSpeed would
+    not understand (top-level keys, and the zero_optimization section via DeepSpeed's own model)."""
+    import difflib
+    import json
+    import pathlib
+
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise NeonError(f"{p}: DeepSpeed JSON not found (train.deepspeed_json)")
+    try:
+        user = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise NeonError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(user, dict):
+        raise NeonError(f"{p}: the top level must be an object")
+    known = _known_top_level()
+    for key in user:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise NeonError(f"{p}: unknown DeepSpeed key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    if isinstance(user.get("zero_optimization"), dict):
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from pydantic import ValidationError
+
+        try:
+            DeepSpeedZeroConfig(**user["zero_optimization"])
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise NeonError(f"{p}: zero_optimization.{where}: {err['msg']}") from None
+    return user
+
+
+def _deep_merge(ours: dict, theirs: dict) -> dict:
+    out = dict(ours)
+    for key, value in theirs.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def initialize(spec: ModelSpec, model: nn.Module, cfg: TrainConfig, world: int):
