@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import pathlib
 
-import torch
-
 from ..errors import NeonError
-from ..merge.tensors import TensorMeta, parse_size, staged_output, write_checkpoint
+from ..merge.tensors import parse_size, staged_output, write_checkpoint
 from ..merge.zero import ZeroCheckpointSource, is_zero_checkpoint
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def consolidate(ckpt_dir: pathlib.Path, out: pathlib.Path, *, tag: str | None = None, dtype: str | None = None,
@@ -27,12 +23,7 @@ def consolidate(ckpt_dir: pathlib.Path, out: pathlib.Path, *, tag: str | None = 
     if not is_zero_checkpoint(ckpt_dir, tag):
         raise NeonError(f"{ckpt_dir}: not a DeepSpeed ZeRO checkpoint (no 'latest' file{' or tag ' + tag if tag else ''})")
     with ZeroCheckpointSource(ckpt_dir, tag) as source:
-        cast = DTYPES[dtype] if dtype else None
-        entries = []
-        for key in source.keys():
-            meta = source.meta(key)
-            out_dtype = cast if cast is not None and meta.dtype.is_floating_point else meta.dtype
-            entries.append((key, TensorMeta(meta.shape, out_dtype)))
+        entries = [(key, source.meta(key).cast(dtype)) for key in source.keys()]
         with staged_output(out, overwrite) as staging:
             return write_checkpoint(staging, entries, source.get, max_shard_size,
                                     {"format": "pt", "source": str(ckpt_dir)}, progress)

@@ -20,7 +20,6 @@ from ..errors import NeonError
 from .extrapolate import MERGE, MergeReport, action_for, check_keys, extrapolate_tensor
 from .tensors import (
     StreamingSafetensorsWriter,
-    TensorMeta,
     TensorSource,
     plan_shards,
     shard_file_names,
@@ -29,7 +28,6 @@ from .tensors import (
 )
 
 CHUNK_BYTES = 4 << 20
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -102,8 +100,7 @@ def merge_checkpoints(base: TensorSource, synth: TensorSource, ws: list[float], 
         bm = base.meta(key)
         sm = synth.meta(key) if key in synth_set else None
         actions[key] = action_for(key, bm.shape, bm.dtype, None if sm is None else sm.shape, None if sm is None else sm.dtype)
-        out_dtype = DTYPES[dtype] if dtype and bm.dtype.is_floating_point else bm.dtype
-        entries.append((key, TensorMeta(bm.shape, out_dtype)))
+        entries.append((key, bm.cast(dtype)))
     shards = plan_shards(entries, max_shard_size)
     names = shard_file_names(len(shards))
 

@@ -37,10 +37,19 @@ _ST_DTYPES = {
 }
 
 
+CAST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype choices
+
+
 @dataclass(frozen=True)
 class TensorMeta:
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+    def cast(self, dtype: str | None) -> "TensorMeta":
+        """The output meta under `--dtype`: float tensors take it, others keep their dtype."""
+        if dtype is None or not self.dtype.is_floating_point:
+            return self
+        return TensorMeta(self.shape, CAST_DTYPES[dtype])
 
     @property
     def nbytes(self) -> int:
@@ -196,7 +205,7 @@ def _is_state_dict(obj) -> bool:
 def _pick_state_dict(obj, key: str | None, path) -> dict[str, torch.Tensor]:
     if key is not None:
         if not isinstance(obj, dict) or key not in obj:
-            found = sorted(k for k in obj if isinstance(obj, dict) and isinstance(obj.get(k), dict)) if isinstance(obj, dict) else []
+            found = sorted(k for k, v in obj.items() if isinstance(v, dict)) if isinstance(obj, dict) else []
             raise NeonError(f"{path}: no sub-dict --key {key!r}; candidates: {found}")
         obj = obj[key]
         if not _is_state_dict(obj):
