@@ -37,6 +37,16 @@ def neon(*args: str, cwd=ROOT, env_extra=None, timeout=600) -> subprocess.Comple
                           capture_output=True, text=True, timeout=timeout)
 
 
+def torchrun(script, *args: str, timeout=600) -> subprocess.CompletedProcess:
+    """Run `script` on 2 local ranks (gloo) with torchrun, from the repository root."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+LAUNCHER = ROOT / "launchers" / "neon.py"
+
+
 @pytest.fixture
 def run_dir(tmp_path):
     return tmp_path / "run"

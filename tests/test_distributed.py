@@ -1,10 +1,7 @@
 """2 ranks on gloo through the real launcher entry point (torchrun starts faster than the
 deepspeed launcher; both run launchers/neon.py the same way)."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,14 +9,7 @@ from safetensors.torch import load_file
 
 from neon_scale.data.shards import read_shards
 
-from .conftest import ROOT, TOY, neon, small_overrides
-
-
-def torchrun(*args, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "launchers" / "neon.py"), *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+from .conftest import LAUNCHER, TOY, neon, small_overrides, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +18,7 @@ def runs(tmp_path_factory):
     one, two = root / "one", root / "two"
     proc = neon("run", "--config", str(TOY), "--run-dir", str(one), *small_overrides())
     assert proc.returncode == 0, proc.stderr
-    proc = torchrun("--config", str(TOY), "--run-dir", str(two), *small_overrides())
+    proc = torchrun(LAUNCHER, "--config", str(TOY), "--run-dir", str(two), *small_overrides())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return one, two, proc
 
@@ -63,7 +53,7 @@ def test_two_rank_eval_equals_one_rank(runs, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(one, copy)
     shutil.rmtree(copy / "sweep")
-    proc = torchrun("sweep", "--config", str(TOY), "--run-dir", str(copy), *small_overrides())
+    proc = torchrun(LAUNCHER, "sweep", "--config", str(TOY), "--run-dir", str(copy), *small_overrides())
     assert proc.returncode == 0, proc.stderr[-3000:]
     read = lambda d: [json.loads(x) for x in (d / "sweep" / "results.jsonl").read_text().splitlines()]  # noqa: E731
     ref, got = read(one), read(copy)

@@ -1,8 +1,5 @@
 """In-place merge: the sweep helper on a plain module, and each rank's ZeRO-3 partition merged in
 place (2 ranks, gloo) equal to the offline `neon merge` result."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +10,7 @@ from neon_scale.merge.extrapolate import extrapolate_state
 from neon_scale.merge.inplace import Extrapolator, apply_delta, delta_of, module_slots
 from neon_scale.merge.tensors import open_source
 
-from .conftest import ROOT
+from .conftest import ROOT, torchrun
 from .inplace_zero3_worker import TinyNet
 
 
@@ -62,10 +59,8 @@ def test_zero3_in_place_merge_on_2_ranks_equals_offline_merge(tmp_path, precisio
         merge_checkpoints(b, s, ws, tmp_path / "offline")  # fp32, as the fp32 masters
     with open_source(tmp_path / "base.safetensors") as b, open_source(tmp_path / "held.safetensors") as s:
         merge_checkpoints(b, s, ws, tmp_path / "offline16", dtype=precision)  # as the 16-bit parameters
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "inplace_zero3_worker.py"), str(tmp_path / "base.safetensors"),
-           str(tmp_path / "synth.safetensors"), str(tmp_path), precision, *map(str, ws)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    proc = torchrun(ROOT / "tests" / "inplace_zero3_worker.py", str(tmp_path / "base.safetensors"),
+                    str(tmp_path / "synth.safetensors"), str(tmp_path), precision, *map(str, ws), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for w in ws:
         for kind, offline in (("params", "offline16"), ("masters", "offline")):

@@ -1,10 +1,7 @@
 """Train-stage guards through the real command: a non-finite loss stops the run and leaves the
 last good checkpoint as `latest`; a global batch the ranks cannot split is one clear error."""
-import os
-import subprocess
-import sys
 
-from .conftest import ROOT, TOY, neon, small_overrides
+from .conftest import LAUNCHER, TOY, neon, small_overrides, torchrun
 from .test_cli import assert_one_line_error
 
 
@@ -23,9 +20,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(run_dir):
 
 def test_global_batch_not_divisible_by_the_world_size(run_dir):
     args = ["--config", str(TOY), "--run-dir", str(run_dir), *small_overrides("train.global_batch=401")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "launchers" / "neon.py"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    proc = torchrun(LAUNCHER, *args, timeout=300)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert errors and all("train.global_batch=401 is not divisible by world size 2 x train.grad_accum 1" in ln

@@ -1,9 +1,6 @@
 """ZeroCheckpointSource against DeepSpeed's own zero_to_fp32 on real 2-rank ZeRO 1/2/3 checkpoints."""
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +9,7 @@ from neon_scale.errors import NeonError
 from neon_scale.merge.tensors import open_source
 from neon_scale.merge.zero import ZeroCheckpointSource, is_zero_checkpoint
 
+from .conftest import torchrun
 from .zero_ckpt_writer import CASES, Tiny, case_name
 
 WRITER = pathlib.Path(__file__).with_name("zero_ckpt_writer.py")
@@ -21,9 +19,7 @@ RANK1_OPTIM = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("zero")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WRITER), str(out)]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=WRITER.parent.parent, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(WRITER, str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
