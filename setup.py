@@ -25,6 +25,7 @@ setup(
         "pyyaml",
         "numpy",
         "matplotlib",
+        "pillow",
     ],
     entry_points={"console_scripts": ["neon=neon_scale.cli:main"]},
 )

@@ -68,7 +68,16 @@ class TrainConfig:
     deepspeed_json: Optional[str] = _f(None, help="your own DeepSpeed JSON, validated and merged (its values win, "
                                                   "batch sizes must agree)")
     dtype: str = _f("fp32", choices=["fp32", "bf16", "fp16"])
-    ckpt_every: int = _f(50, min=1, help="DeepSpeed checkpoint interval (steps) for resume")
+    activation_checkpointing: bool = _f(False, help="recompute activations in backward (the model's hook)")
+    label_dropout: float = _f(0.0, min=0.0, max=1.0, help="replace class labels by the null class with this "
+                                                             "probability (class-conditional models, for CFG)")
+    ema_decay: float = _f(0.0, min=0.0, help="EMA of the fine-tuned weights, kept per rank on its partition; "
+                                             "0 = off. When on, theta_s is the EMA (the authors: 0.9999)")
+    workers: int = _f(0, min=0, help="DataLoader workers per rank reading the shards (the data order depends on it)")
+    skip_bad: bool = _f(False, help="skip and count bad records instead of stopping at a corrupt shard")
+    ckpt_every_images: int = _f(0, min=0, help="DeepSpeed checkpoint for resume every N images seen (global "
+                                               "count); checkpoints are also written at save_steps and at the end")
+    keep_last: int = _f(2, min=1, help="DeepSpeed checkpoints kept (the newest)")
     log_every: int = _f(10, min=1)
     seed: int = _f(2)
 
@@ -262,6 +271,11 @@ def validate(cfg: Config, where: str) -> None:
         raise NeonError(f"{where}: 'train.save_steps' must be a non-empty list of positive integers, got {steps!r}")
     if len(cfg.train.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.train.betas):
         raise NeonError(f"{where}: 'train.betas' must be two numbers in [0, 1), got {cfg.train.betas!r}")
+    if cfg.train.ema_decay >= 1.0:
+        raise NeonError(f"{where}: 'train.ema_decay' = {cfg.train.ema_decay} must be below 1 (0 = off)")
+    if cfg.train.label_dropout > 0 and spec.null_class(spec.parse_args(cfg.model.args)) is None:
+        raise NeonError(f"{where}: 'train.label_dropout' = {cfg.train.label_dropout} but model {cfg.model.name!r} "
+                        f"is not class-conditional")
     if cfg.sweep.guidance_key is not None:
         if not cfg.sweep.guidance:
             raise NeonError(f"{where}: 'sweep.guidance' is empty but sweep.guidance_key = {cfg.sweep.guidance_key!r}")

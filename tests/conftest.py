@@ -17,7 +17,7 @@ TOY = ROOT / "configs" / "toy2d.yaml"
 SMALL = [
     "base.steps=300", "base.n_real=400",
     "synth.n=400", "synth.shard_size=100",
-    "train.save_steps=[6,12]", "train.global_batch=400", "train.ckpt_every=3", "train.log_every=3",
+    "train.save_steps=[6,12]", "train.global_batch=400", "train.ckpt_every_images=1200", "train.log_every=3",
     "eval.n=4000", "eval.chunk=1000",
     "sweep.w_step=0.5", "sweep.tol=0.0", "sweep.refine_w=0.25",
 ]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from .conftest import ROOT, TOY, neon, small_overrides
 
-KILL_CFG = ["train.save_steps=[6,300]", "train.ckpt_every=20"]
+KILL_CFG = ["train.save_steps=[6,300]", "train.ckpt_every_images=8000"]
 
 
 def summary(run_dir):

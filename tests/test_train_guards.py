@@ -9,7 +9,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(run_dir):
     args = ["--config", str(TOY), "--run-dir", str(run_dir), *small_overrides()]
     assert neon("run", "--stage", "base", "--stage", "synth", *args).returncode == 0
     # An absurd learning rate blows the weights up within a few steps.
-    proc = neon("train", *args, "--set", "train.lr=1e30", "--set", "train.ckpt_every=1", "--set", "train.save_steps=[40]")
+    proc = neon("train", *args, "--set", "train.lr=1e30", "--set", "train.ckpt_every_images=1", "--set", "train.save_steps=[40]")
     assert_one_line_error(proc, "train zeta=1.1: non-finite loss at step", "last good checkpoint kept in")
     ckpt = run_dir / "train" / "zeta=1.1" / "ckpt"
     tag = (ckpt / "latest").read_text().strip()

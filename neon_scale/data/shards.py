@@ -1,7 +1,8 @@
 """Synthetic sets as webdataset shards.
 
-A record holds `__key__`, the sample (`x` -> `.npy`, other tensors -> `<name>.npy`, integer
-labels `cls` -> `.cls`) and the sampler settings (`.json`). Shards are written to a temporary
+A record holds `__key__`, the sample (`x` -> `.npy`, other tensors -> `<name>.npy`, uint8
+images `image` [C, H, W] -> `.png`, integer labels `cls` -> `.cls`) and the sampler settings
+(`.json`). `decode_record` is the inverse, one record at a time. Shards are written to a temporary
 file and renamed, so a shard that exists is complete; a per-set manifest lists shards and counts.
 """
 from __future__ import annotations
@@ -25,12 +26,36 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
+_SPECIAL = {"x": "npy", "cls": "cls", "image": "png"}
+
+
 def _field_to_ext(name: str) -> str:
-    return "npy" if name == "x" else ("cls" if name == "cls" else f"{name}.npy")
+    return _SPECIAL.get(name, f"{name}.npy")
 
 
 def _ext_to_field(ext: str) -> str:
-    return "x" if ext == "npy" else ("cls" if ext == "cls" else ext.removesuffix(".npy"))
+    return {v: k for k, v in _SPECIAL.items()}.get(ext, ext.removesuffix(".npy"))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [C, H, W] (C = 1 or 3) -> PNG bytes."""
+    from PIL import Image
+
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise NeonError(f"image: expected uint8 [C, H, W] with C = 1 or 3, got {image.dtype} {list(image.shape)}")
+    buf = io.BytesIO()
+    Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> uint8 [C, H, W] (grey stays 1 channel, everything else becomes RGB)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img = img if img.mode in ("L", "RGB") else img.convert("RGB")
+        arr = np.asarray(img)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()
 
 
 def write_shard(path: pathlib.Path, samples: dict[str, torch.Tensor], settings: dict, key_prefix: str) -> int:
@@ -43,7 +68,12 @@ def write_shard(path: pathlib.Path, samples: dict[str, torch.Tensor], settings: 
             for i in range(n):
                 record = {"__key__": f"{key_prefix}-{i:06d}", "json": settings_json}
                 for name, arr in arrays.items():
-                    record[_field_to_ext(name)] = int(arr[i]) if name == "cls" else np.ascontiguousarray(arr[i])
+                    if name == "cls":
+                        record["cls"] = int(arr[i])
+                    elif name == "image":
+                        record["png"] = encode_png(arr[i])
+                    else:
+                        record[_field_to_ext(name)] = np.ascontiguousarray(arr[i])
                 writer.write(record)
     return n
 
@@ -71,6 +101,23 @@ class _NpyDecoder:
         return np.frombuffer(data, dtype=dtype, offset=off).reshape(shape)
 
 
+def decode_record(record: dict, npy: _NpyDecoder) -> dict[str, object]:
+    """One webdataset record -> {field: array or int}; raises ValueError on a bad payload."""
+    out: dict[str, object] = {}
+    for ext, value in record.items():
+        if ext.startswith("__") or ext == "json":
+            continue
+        if ext.endswith("npy"):
+            out[_ext_to_field(ext)] = npy(value)
+        elif ext == "cls":
+            out["cls"] = int(value)
+        elif ext == "png":
+            out["image"] = decode_png(value)
+    if not out:
+        raise ValueError(f"record {record.get('__key__')!r} holds no .npy/.png/.cls payload")
+    return out
+
+
 def read_shards(paths: list[pathlib.Path], expected_counts: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Read whole shards into memory (small synthetic sets); one clear error per bad shard."""
     columns: dict[str, list] = {}
@@ -82,11 +129,8 @@ def read_shards(paths: list[pathlib.Path], expected_counts: list[int] | None = N
         try:
             pipeline = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=lambda urls: urls, empty_check=False)
             for record in pipeline:
-                for ext, value in record.items():
-                    if ext.endswith("npy"):
-                        columns.setdefault(_ext_to_field(ext), []).append(npy(value))
-                    elif ext == "cls":
-                        columns.setdefault("cls", []).append(int(value))
+                for name, value in decode_record(record, npy).items():
+                    columns.setdefault(name, []).append(value)
                 count += 1
         except NeonError:
             raise

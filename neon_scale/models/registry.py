@@ -39,6 +39,14 @@ class ModelSpec:
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
+    def null_class(self, args) -> int | None:
+        """The label meaning "no class" (the unconditional input of CFG); None: not class-conditional."""
+        return None
+
+    def enable_activation_checkpointing(self, model: torch.nn.Module) -> None:
+        """Make `model` recompute its activations in backward (train.activation_checkpointing)."""
+        raise NeonError(f"model {self.name!r} has no activation-checkpointing hook (train.activation_checkpointing)")
+
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, n: int, gen: torch.Generator, sampler) -> dict[str, torch.Tensor]:
         """Draw n samples; returns named tensors with a leading batch dimension."""

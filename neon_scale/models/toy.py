@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import _f
 from .registry import ModelSpec, register
@@ -55,9 +56,17 @@ class EpsMLP(nn.Module):
             layers += [nn.Linear(hidden, hidden), nn.ReLU()]
         layers.append(nn.Linear(hidden, 2))
         self.net = nn.Sequential(*layers)
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor, t01: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, t01], dim=1))
+        """Inputs in any float dtype are cast to the weights' (bf16 under a bf16 engine); out in fp32."""
+        h = torch.cat([x, t01], dim=1).to(self.net[0].weight.dtype)
+        if self.checkpointing and torch.is_grad_enabled():
+            for layer in self.net:
+                h = checkpoint(layer, h, use_reentrant=False)
+        else:
+            h = self.net(h)
+        return h.float()
 
 
 @dataclass
@@ -84,6 +93,9 @@ class ToyDiffusion(_ToyGaussianData, ModelSpec):
         model = EpsMLP(args.hidden, args.depth)
         model.train_steps = args.train_steps
         return model
+
+    def enable_activation_checkpointing(self, model: EpsMLP) -> None:
+        model.checkpointing = True
 
     def loss(self, model, batch, gen):
         x0 = batch["x"].float()
@@ -131,7 +143,7 @@ class GaussianAR(nn.Module):
         self.cond = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
 
     def conditional(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.cond(x1)
+        out = self.cond(x1.to(self.cond[0].weight.dtype)).float()
         return out[:, :1], out[:, 1:]
 
 
@@ -162,7 +174,7 @@ class ToyAR(_ToyGaussianData, ModelSpec):
         x = batch["x"].float()
         x1, x2 = x[:, :1], x[:, 1:]
         m2, ls2 = model.conditional(x1)
-        return _gaussian_nll(x1, model.mean1, model.log_std1) + _gaussian_nll(x2, m2, ls2)
+        return _gaussian_nll(x1, model.mean1.float(), model.log_std1.float()) + _gaussian_nll(x2, m2, ls2)
 
     @torch.no_grad()
     def sample(self, model, n, gen, sampler: ToyARSampler):

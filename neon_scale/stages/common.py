@@ -23,7 +23,7 @@ from ..models.registry import ModelSpec, get_spec
 
 # Settings that change how a stage runs but not what it produces. (Sampling batch sizes and eval
 # chunks are not among them: they decide which random numbers each sample gets.)
-_OPERATIONAL = {"log_every", "ckpt_every"}
+_OPERATIONAL = {"log_every", "ckpt_every_images", "keep_last", "skip_bad"}
 
 
 def _section(obj) -> dict:

@@ -1,44 +1,36 @@
 """Stage `train`: fine-tune theta_r on each synthetic set with a DeepSpeed engine -> theta_s.
 
-theta_s (fp32 master weights) is exported as safetensors at every `train.save_steps`. A DeepSpeed
-checkpoint every `train.ckpt_every` steps (and at each save step) makes a killed run resume
-exactly: the data order and the loss noise are functions of (seed, step, rank), not of history.
+Data streams from the synth shards (data/stream.py). theta_s (fp32: the EMA when
+`train.ema_decay` > 0, else the master weights) is exported as safetensors at every
+`train.save_steps`. DeepSpeed checkpoints (train/checkpoint.py) every `train.ckpt_every_images`
+images, at each save step and at the end make a killed run resume exactly: the data-stream
+positions, the EMA and the optimizer are restored, and the loss noise is a function of (seed,
+step, rank), not of history.
 """
 from __future__ import annotations
 
 import json
 import math
-import shutil
+import time
 
 import torch
 
 from .. import dist, rng
 from ..console import log, progress
-from ..data.loader import load_rank_batches
+from ..data.stream import MicroBatchLoader
 from ..errors import NeonError
 from ..io import save_state_dict, write_json, write_text
+from ..train import checkpoint
+from ..train.ema import PartitionEMA
 from ..train.engine import full_fp32_state_dict, initialize, micro_batch_size
 from .common import RunContext, StageDir, sampler_tag
 
 
-def _resume(engine, ckpt_dir) -> int:
-    if not (ckpt_dir / "latest").is_file():
-        return 0
-    path, client = engine.load_checkpoint(str(ckpt_dir), load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise NeonError(f"{ckpt_dir}: cannot load the DeepSpeed checkpoint named by 'latest'")
-    return int(client["step"])
-
-
-def _save_checkpoint(engine, ckpt_dir, step: int) -> None:
-    tag = f"step{step:06d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
-    dist.barrier()
-    if dist.is_main():  # keep only the newest: `latest` already names it
-        for old in ckpt_dir.iterdir():
-            if old.is_dir() and old.name != tag:
-                shutil.rmtree(old)
-    dist.barrier()
+def drop_labels(batch: dict[str, torch.Tensor], p: float, null: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Label dropout for classifier-free guidance: each label becomes `null` with probability p."""
+    labels = batch["cls"]
+    drop = torch.rand(labels.shape, generator=gen) < p
+    return {**batch, "cls": torch.where(drop, torch.full_like(labels, null), labels)}
 
 
 def _trim_metrics(path, step: int) -> None:
@@ -46,6 +38,14 @@ def _trim_metrics(path, step: int) -> None:
     if dist.is_main() and path.is_file():
         lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
         write_text(path, "".join(ln + "\n" for ln in lines))
+
+
+def _grad_norm_before_step(engine) -> float | None:
+    """Without ZeRO DeepSpeed reports no gradient norm; compute it from the (all-reduced) grads."""
+    if engine.zero_optimization_stage() > 0:
+        return None
+    grads = [p.grad.detach().float().norm() ** 2 for p in engine.module.parameters() if p.grad is not None]
+    return math.sqrt(sum(g.item() for g in grads)) if grads else 0.0
 
 
 def finetune(ctx: RunContext, settings: dict) -> None:
@@ -57,44 +57,83 @@ def finetune(ctx: RunContext, settings: dict) -> None:
         log(f"train {tag}: complete, skipped")
         return
     rank, world = dist.rank(), dist.world()
-    batches = load_rank_batches(ctx.synth_dir(settings), micro_batch_size(cfg, world), cfg.seed, rank, world)
+    micro = micro_batch_size(cfg, world)
     model = ctx.load_model(ctx.base_weights()).train()
+    if cfg.activation_checkpointing:
+        ctx.spec.enable_activation_checkpointing(model)
+    null = ctx.spec.null_class(ctx.spec.parse_args(ctx.cfg.model.args)) if cfg.label_dropout > 0 else None
     engine = initialize(ctx.spec, model, cfg, world)
-    start = _resume(engine, ckpt_dir)
+    ema = PartitionEMA(engine, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    state = checkpoint.resume(engine, ckpt_dir, ema) or {}
+    start = int(state.get("step", 0))
     if start:
-        log(f"train {tag}: resuming from step {start}")
+        log(f"train {tag}: resuming from step {start} ({start * cfg.global_batch} images seen)")
+    loader = MicroBatchLoader(ctx.synth_dir(settings), micro, cfg.seed, rank, world, cfg.workers, cfg.skip_bad,
+                              state.get("loader"))
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = out_dir / "metrics.jsonl"
     _trim_metrics(metrics, start)
     total = save_steps[-1]
+
+    def save_checkpoint(step: int) -> None:
+        checkpoint.save(engine, ckpt_dir, step, {"loader": loader.state()}, ema, cfg.keep_last)
+
     with progress(f"train {tag}", total) as bar:
         bar.update(completed=start)
+        tick, tick_step = time.perf_counter(), start
         for step in range(start, total):
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                batch = batches.get(step * cfg.grad_accum + micro)
-                loss = engine(batch, rng.generator(cfg.seed, "loss", step, micro, rank))
+            loss_sum, norm = 0.0, None
+            for k in range(cfg.grad_accum):
+                batch = loader.next()
+                if null is not None:
+                    batch = drop_labels(batch, cfg.label_dropout, null, rng.generator(cfg.seed, "labels", step, k, rank))
+                loss = engine(batch, rng.generator(cfg.seed, "loss", step, k, rank))
                 engine.backward(loss)
+                if k == cfg.grad_accum - 1:
+                    norm = _grad_norm_before_step(engine)
                 engine.step()
                 loss_sum += loss.item()
             done = step + 1
+            norm = engine.get_global_grad_norm() if norm is None else norm
+            norm = None if norm is None else float(norm)
             if dist.any_flag(not math.isfinite(loss_sum)):
                 raise NeonError(f"train {tag}: non-finite loss at step {done}; last good checkpoint kept in {ckpt_dir}")
+            # fp16 overflows are the loss scaler's business (DeepSpeed skips the step); not so in fp32/bf16
+            if dist.any_flag(norm is not None and not math.isfinite(norm) and cfg.dtype != "fp16"):
+                raise NeonError(f"train {tag}: non-finite gradient norm at step {done}; last good checkpoint kept "
+                                f"in {ckpt_dir}")
+            if ema is not None and engine.was_step_applied():
+                ema.update()
             if done % cfg.log_every == 0 or done == total:
                 mean = dist.all_reduce_sum(torch.tensor([loss_sum / cfg.grad_accum], dtype=torch.float64)).item() / world
+                bad = int(dist.all_reduce_sum(torch.tensor([loader.bad], dtype=torch.float64)).item())
+                now = time.perf_counter()
+                speed = (done - tick_step) * cfg.global_batch / max(now - tick, 1e-9)
+                tick, tick_step = now, done
+                lr = engine.get_lr()[0]
                 if dist.is_main():
+                    row = {"step": done, "images": done * cfg.global_batch, "loss": mean, "lr": lr, "grad_norm": norm,
+                           "images_per_s": round(speed, 1), "bad_records": bad}
                     with open(metrics, "a") as f:
-                        f.write(json.dumps({"step": done, "loss": mean, "lr": engine.get_lr()[0]}) + "\n")
-                bar.update(completed=done, info=f"loss {mean:.5f}")
+                        f.write(json.dumps(row) + "\n")
+                bar.update(completed=done, info=f"loss {mean:.5f}  lr {lr:.2e}  {speed:,.0f} img/s"
+                                                 + (f"  bad {bad}" if bad else ""))
             if done in save_steps:
-                state = full_fp32_state_dict(engine)
+                if ema is not None:
+                    with ema.swapped_in():
+                        state_dict = full_fp32_state_dict(engine)
+                else:
+                    state_dict = full_fp32_state_dict(engine)
                 if dist.is_main():
-                    save_state_dict(out_dir / f"theta_s-step{done:06d}.safetensors", state, {"step": done, "sampler": tag})
-            if done in save_steps or done % cfg.ckpt_every == 0:
-                _save_checkpoint(engine, ckpt_dir, done)
-    dist.barrier()
+                    save_state_dict(out_dir / f"theta_s-step{done:06d}.safetensors", state_dict,
+                                    {"step": done, "sampler": tag, "weights": "ema" if ema else "model"})
+            every = cfg.ckpt_every_images
+            crossed = every > 0 and (done * cfg.global_batch) // every > (step * cfg.global_batch) // every
+            if done in save_steps or crossed:
+                save_checkpoint(done)
+    bad = int(dist.all_reduce_sum(torch.tensor([loader.bad], dtype=torch.float64)).item())
     if dist.is_main():
-        write_json(out_dir / "done.json", {"steps": save_steps})
+        write_json(out_dir / "done.json", {"steps": save_steps, "bad_records": bad})
     log(f"train {tag}: theta_s at steps {save_steps} -> {out_dir}")
 
 

@@ -1,0 +1,93 @@
+"""Resumable training checkpoints: DeepSpeed's own format, plus per-rank files we add to the tag.
+
+    CKPT/latest                       the tag of the newest complete checkpoint (as DeepSpeed's)
+    CKPT/step000250/...               DeepSpeed's model and optimizer partitions
+    CKPT/step000250/ema-rank*.safetensors     this rank's EMA partition (train/ema.py)
+    CKPT/step000250/trainer-rank*.json        step, images seen, data-stream positions
+
+A save writes the whole tag directory on every rank, waits for all of them, and only then
+replaces `latest` (rank 0, temp file + rename). A kill at any moment leaves `latest` naming a
+complete checkpoint; the partial directory is removed on resume. Only the newest `keep_last`
+tags are kept.
+"""
+from __future__ import annotations
+
+import pathlib
+import re
+import shutil
+
+from .. import dist
+from ..errors import NeonError
+from ..io import read_json, write_json, write_text
+
+TAG_RE = re.compile(r"step(\d+)")
+
+
+def tag_of(step: int) -> str:
+    return f"step{step:06d}"
+
+
+def _tags(ckpt_dir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((int(m[1]), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := TAG_RE.fullmatch(p.name)))
+
+
+def latest_tag(ckpt_dir: pathlib.Path) -> str | None:
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if not (ckpt_dir / tag).is_dir():
+        raise NeonError(f"{latest}: names '{tag}', which is not a directory of {ckpt_dir}")
+    return tag
+
+
+def trainer_file(tag_dir: pathlib.Path, rank: int) -> pathlib.Path:
+    return tag_dir / f"trainer-rank{rank:05d}.json"
+
+
+def save(engine, ckpt_dir: pathlib.Path, step: int, trainer_state: dict, ema=None, keep_last: int = 2) -> None:
+    """Write checkpoint `step` (collective), then point `latest` at it and drop old tags."""
+    tag = tag_of(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    tag_dir = ckpt_dir / tag
+    if ema is not None:
+        ema.save(tag_dir)
+    write_json(trainer_file(tag_dir, dist.rank()), {**trainer_state, "step": step, "world": dist.world()})
+    dist.barrier()  # every rank's files are on disk
+    if dist.is_main():
+        write_text(ckpt_dir / "latest", tag)
+        kept = [p for _, p in _tags(ckpt_dir)][-keep_last:]
+        for _, path in _tags(ckpt_dir):
+            if path not in kept:
+                shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+
+
+def resume(engine, ckpt_dir: pathlib.Path, ema=None) -> dict | None:
+    """Load the checkpoint `latest` names (collective); returns this rank's trainer state, or None
+    to start from scratch. Tags newer than `latest` (a save cut short by a kill) are removed."""
+    tag = latest_tag(ckpt_dir)
+    if dist.is_main():
+        newest = int(TAG_RE.fullmatch(tag)[1]) if tag else -1
+        for step, path in _tags(ckpt_dir):
+            if step > newest:
+                shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+    if tag is None:
+        return None
+    tag_dir = ckpt_dir / tag
+    state_file = trainer_file(tag_dir, dist.rank())
+    if not state_file.is_file():
+        raise NeonError(f"{state_file}: not found (checkpoint saved by another world size or version?)")
+    state = read_json(state_file)
+    if state.get("world") != dist.world():
+        raise NeonError(f"{state_file}: saved by {state.get('world')} rank(s), this run has {dist.world()}; "
+                        f"exact resume needs the same number of ranks")
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise NeonError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+    if ema is not None:
+        ema.load(tag_dir)
+    return state
