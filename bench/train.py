@@ -3,10 +3,10 @@ paper's formula (Rajbhandari et al. 2020), and the training steps/s.
 
   DS_ACCELERATOR=cpu python bench/train.py [--stages 1 2 3] [--dtypes bf16 fp32] [--ranks 1 2]
 
-For every (ranks, stage, dtype) the toy2d_diffusion MLP (default hidden 1024, depth 8: about 8.4M
-parameters, Psi) is trained with the project's engine (neon_scale.train.engine.initialize, gloo on
-CPU). The script re-launches itself once per rank count under `torch.distributed.run`; each rank
-prints its own bytes. Formula (bytes per rank, Psi parameters, N ranks):
+For every (ranks, stage, dtype) the toy2d_diffusion MLP (default hidden 1024, depth 8: 8.4M
+parameters, Psi) trains with the project's engine (neon_scale.train.engine.initialize, gloo on CPU)
+under `torch.distributed.run`, one launch per rank count; every rank reports its own bytes.
+Formula (bytes per rank, N ranks):
 
   bf16, the paper's mixed precision with K = 12 (fp32 master + Adam m, v):
     params 2Psi (stage 3: 2Psi/N), grads 2Psi (stage 2, 3: 2Psi/N), optimizer 12Psi/N
@@ -27,7 +27,8 @@ flat buffer count once and aliases are not counted twice), on step 4, after 3 wa
   bucket   the reduce bucket(s) DeepSpeed allocates for the reduction (allocated size; the
            gradients in them are counted under grads). The paper counts them as temporary buffers.
 The steps/s times --steps steps (forward, backward, step) after the measured one; 2 ranks share
-the same 2 cores as 1 rank, so no speed-up is expected on this machine.
+the same cores as 1 rank, so no speed-up is expected on a small machine. "other CPU": cores that
+processes other than the ranks kept busy meanwhile (/proc/stat); well above 0, the timing is unfair.
 
 bf16: the toy's loss feeds fp32 inputs to the model, so the forward runs under
 torch.autocast(bfloat16) (DeepSpeed's bf16 mode makes the parameters bf16, not the inputs).
@@ -38,6 +39,7 @@ import argparse
 import gc
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -46,12 +48,12 @@ import time
 import torch
 
 MB = 1e6
-FORMULA = {  # (params, grads, optimizer) bytes per rank, as multiples of Psi, for N ranks
-    ("bf16", 1): lambda n: (2, 2, 12 / n), ("bf16", 2): lambda n: (2, 2 / n, 12 / n),
-    ("bf16", 3): lambda n: (2 / n, 2 / n, 12 / n),
-    ("fp32", 1): lambda n: (4, 4, 8 / n), ("fp32", 2): lambda n: (4, 4 / n, 8 / n),
-    ("fp32", 3): lambda n: (4 / n, 4 / n, 8 / n),
-}
+
+
+def formula(dtype: str, stage: int, n: int) -> tuple[float, float, float]:
+    """The paper's (params, grads, optimizer) bytes per parameter on each of n ranks."""
+    low, k = (2, 12) if dtype == "bf16" else (4, 8)  # bf16: K = 12 (fp32 master, m, v); fp32: K = 8 (m, v)
+    return (low / n if stage == 3 else low, low / n if stage >= 2 else low, k / n)
 
 
 def covered_bytes(tensors) -> int:
@@ -90,12 +92,12 @@ def master_tensors(opt, stage: int) -> list[torch.Tensor]:
 
 
 def grad_tensors(engine, stage: int) -> list[torch.Tensor]:
-    """Everything that holds gradients at this moment. p.grad (full, as autograd made it; stage 2
-    re-points it into the reduce bucket as it arrives), p.grad_accum (a higher-precision accumulator, when used);
+    """Everything that holds gradients now: p.grad (full size as autograd made it; stage 2 re-points
+    it into the reduce bucket as it arrives), p.grad_accum (a higher-precision accumulator, if used);
     stage 1/2: averaged_gradients (the reduced partition, a flat buffer per group) and
-    grads_in_partition (stage 2's contiguous partition); stage 3: grad_partitions_flat_buffer
-    (the reduced partition, which averaged_gradients views); and the fp32 `.grad` the step gives
-    each master partition."""
+    grads_in_partition (stage 2's contiguous partition); stage 3: grad_partitions_flat_buffer (the
+    reduced partition, which averaged_gradients views); and the fp32 `.grad` the step gives each
+    master partition."""
     opt = engine.optimizer
     out = [t for p in engine.module.parameters() for t in (p.grad, getattr(p, "grad_accum", None))]
     if stage == 3:
@@ -105,9 +107,16 @@ def grad_tensors(engine, stage: int) -> list[torch.Tensor]:
     return [t for t in out + [m.grad for m in master_tensors(opt, stage)] if isinstance(t, torch.Tensor)]
 
 
-def bucket_bytes(opt, stage: int) -> int:
+def bucket_bytes(opt) -> int:
     buckets = getattr(opt, "ipg_buckets", {}).values()
     return sum(t.untyped_storage().nbytes() for b in buckets for t in flat(b.buffer))
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all processes, all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def run_case(spec, args, stage: int, dtype: str, world: int) -> dict:
@@ -124,7 +133,7 @@ def run_case(spec, args, stage: int, dtype: str, world: int) -> dict:
     opt = engine.optimizer
     gen = torch.Generator().manual_seed(100 + dist.rank())
     batch = {"x": torch.randn(args.batch // world, 2, generator=gen)}
-    seen: dict[str, int] = {}
+    seen: dict[str, float] = {}
 
     def train_step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -139,12 +148,12 @@ def run_case(spec, args, stage: int, dtype: str, world: int) -> dict:
 
     def snapshot_then_reduce(*a, **kw):
         seen["grads_bwd"] = covered_bytes(grad_tensors(engine, stage))
-        seen["bucket"] = bucket_bytes(opt, stage)
+        seen["bucket"] = bucket_bytes(opt)
         return reduce_grads(*a, **kw)
 
     def snapshot_at_step(*_):
         seen["grads_step"] = max(seen.get("grads_step", 0), covered_bytes(grad_tensors(engine, stage)))
-        seen["bucket"] = max(seen["bucket"], bucket_bytes(opt, stage))
+        seen["bucket"] = max(seen["bucket"], bucket_bytes(opt))
 
     engine.allreduce_gradients = snapshot_then_reduce  # an instance attribute shadows the method
     hook = opt.optimizer.register_step_pre_hook(snapshot_at_step)
@@ -157,13 +166,14 @@ def run_case(spec, args, stage: int, dtype: str, world: int) -> dict:
     seen["optim"] = covered_bytes(params + master_tensors(opt, stage) + state) - seen["params"]
 
     dist.barrier()
-    start = time.perf_counter()
+    start, cpu, busy = time.perf_counter(), time.process_time(), busy_seconds()
     for _ in range(args.steps):
         train_step()
     dist.barrier()
-    seen["steps_per_s"] = args.steps / (time.perf_counter() - start)
-    formula = [f * psi for f in FORMULA[dtype, stage](world)]
-    seen.update(psi=psi, formula_params=formula[0], formula_grads=formula[1], formula_optim=formula[2])
+    seen.update(wall=time.perf_counter() - start, cpu=time.process_time() - cpu, busy=busy_seconds() - busy)
+    seen["steps_per_s"] = args.steps / seen["wall"]
+    seen.update(psi=psi, **{f"formula_{k}": f * psi for k, f in zip(("params", "grads", "optim"),
+                                                                   formula(dtype, stage, world))})
     engine.destroy()
     return seen
 
@@ -181,8 +191,9 @@ def worker(args) -> None:
             gc.collect()  # the engine of the case before, its buffers included, goes here
             every = [None] * world
             torch.distributed.all_gather_object(every, mine)
-            rows += [dict(r, stage=stage, dtype=dtype, ranks=world, rank=i, threads=torch.get_num_threads())
-                     for i, r in enumerate(every)]
+            others = (every[0]["busy"] - sum(r["cpu"] for r in every)) / every[0]["wall"]
+            rows += [dict(r, stage=stage, dtype=dtype, ranks=world, rank=i, threads=torch.get_num_threads(),
+                          others=others) for i, r in enumerate(every)]
     if dist.is_main():
         with open(args.worker, "w") as f:
             json.dump(rows, f)
@@ -211,14 +222,14 @@ def report(rows: list[dict]) -> None:
     base = {r["dtype"]: r["steps_per_s"] for r in rows if r["stage"] == 1 and r["ranks"] == 1}
     print("\nPer rank, MB = 1e6 bytes, 'measured / formula (ratio)'; psi =", rows[0]["psi"], "parameters\n")
     print("| stage | dtype | ranks | rank | params | grads bwd | grads step | optimizer | bucket MB "
-          "| steps/s | vs 1-rank ZeRO-1 |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| steps/s | vs 1-rank ZeRO-1 | other CPU |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(rows, key=lambda r: (r["dtype"], r["stage"], r["ranks"], r["rank"])):
         rel = f"{r['steps_per_s'] / base[r['dtype']]:.2f}" if r["dtype"] in base else "-"
         print(f"| {r['stage']} | {r['dtype']} | {r['ranks']} | {r['rank']} "
               f"| {cell(r['params'], r['formula_params'])} | {cell(r['grads_bwd'], r['formula_grads'])} "
               f"| {cell(r['grads_step'], r['formula_grads'])} | {cell(r['optim'], r['formula_optim'])} "
-              f"| {r['bucket'] / MB:.0f} | {r['steps_per_s']:.1f} | {rel} |")
+              f"| {r['bucket'] / MB:.0f} | {r['steps_per_s']:.2f} | {rel} | {r['others']:.2f} |")
 
 
 def main() -> None:
@@ -236,17 +247,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    import platform
-
-    start, load = time.perf_counter(), os.getloadavg()[0]
+    start = time.perf_counter()
     rows = [row for n in args.ranks for row in launch(args, n)]
     report(rows)
     print("\nformula, params + grads + optimizer in bytes per psi, N ranks: bf16 (mixed precision, K = 12) "
           "stage 1: 2 + 2 + 12/N, stage 2: 2 + (2 + 12)/N, stage 3: (2 + 2 + 12)/N; fp32 (no master copy, "
           "K = 8) stage 1: 4 + 4 + 8/N, stage 2: 4 + (4 + 8)/N, stage 3: (4 + 4 + 8)/N")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"(ranks, threads per rank) {sorted({(r['ranks'], r['threads']) for r in rows})}, "
-          f"load average {load:.2f} before / {os.getloadavg()[0]:.2f} after; total {time.perf_counter() - start:.0f} s")
+          f"(ranks, threads per rank) {sorted({(r['ranks'], r['threads']) for r in rows})}; "
+          f"total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

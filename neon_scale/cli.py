@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     cons.add_argument("ckpt_dir", help="DeepSpeed checkpoint directory (the one holding 'latest')")
     cons.add_argument("-o", "--out", required=True, help="output directory")
     cons.add_argument("--tag", help="checkpoint tag (default: the one named in 'latest')")
+    cons.add_argument("--ema", action="store_true", help="the EMA kept during training (train.ema_decay) instead "
+                                                         "of the master weights")
     cons.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast float tensors (default fp32)")
     cons.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
     cons.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

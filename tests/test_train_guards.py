@@ -1,5 +1,11 @@
 """Train-stage guards through the real command: a non-finite loss stops the run and leaves the
-last good checkpoint as `latest`; a global batch the ranks cannot split is one clear error."""
+last good checkpoint as `latest`; a global batch the ranks cannot split, a corrupt shard and bad
+train settings are one clear error each; a save cut short is never resumed from."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
 
 from .conftest import LAUNCHER, TOY, neon, small_overrides, torchrun
 from .test_cli import assert_one_line_error
@@ -27,3 +33,50 @@ def test_global_batch_not_divisible_by_the_world_size(run_dir):
                           for ln in errors)
     # torchrun reports the failed children with a traceback of its own; the ranks print none
     assert "neon_scale/" not in proc.stderr
+
+
+def test_corrupt_shard_stops_train_naming_it_or_is_skipped_and_counted(run_dir):
+    args = ["--config", str(TOY), "--run-dir", str(run_dir), *small_overrides("synth.samplers=[{zeta: 1.1}]")]
+    assert neon("run", "--stage", "base", "--stage", "synth", *args).returncode == 0
+    shard = run_dir / "synth" / "zeta=1.1" / "shard-000002.tar"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2 + 7])
+    proc = neon("train", *args)
+    assert_one_line_error(proc, f"{shard}: corrupt or truncated shard", "train.skip_bad=true")
+    assert not list((run_dir / "train").rglob("theta_s-*.safetensors"))
+    proc = neon("train", *args, "--set", "train.skip_bad=true")
+    assert proc.returncode == 0, proc.stderr
+    done = json.loads((run_dir / "train" / "zeta=1.1" / "done.json").read_text())
+    assert done["bad_records"] > 0
+    assert json.loads((run_dir / "train" / "zeta=1.1" / "metrics.jsonl").read_text().splitlines()[-1])["bad_records"] > 0
+
+
+def test_a_save_cut_short_is_never_resumed_from(run_dir):
+    """As if killed while writing step 12: its directory exists, `latest` still names step 9."""
+    args = ["--config", str(TOY), "--run-dir", str(run_dir),
+            *small_overrides("synth.samplers=[{zeta: 1.1}]", "train.save_steps=[12]", "train.keep_last=3")]
+    assert neon("run", "--stage", "base", "--stage", "synth", "--stage", "train", *args).returncode == 0
+    out = run_dir / "train" / "zeta=1.1"
+    ckpt, theta = out / "ckpt", out / "theta_s-step000012.safetensors"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step000006", "step000009", "step000012"]
+    reference = load_file(str(theta))
+    (ckpt / "latest").write_text("step000009")
+    for f in (ckpt / "step000012").glob("*optim_states.pt"):
+        f.write_bytes(f.read_bytes()[:100])  # half written
+    for done in (out / "done.json", run_dir / "train" / "done.json", theta):
+        done.unlink()
+    proc = neon("train", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from step 9" in proc.stdout
+    again = load_file(str(theta))
+    assert all(torch.equal(reference[k], again[k]) for k in reference)
+    assert (ckpt / "latest").read_text() == "step000012"
+
+
+def test_train_settings_are_checked_when_the_config_loads(run_dir):
+    for setting, needle in [("train.label_dropout=0.1", "'train.label_dropout' = 0.1 but model 'toy2d_diffusion' "
+                                                        "is not class-conditional"),
+                            ("train.ema_decay=1.0", "'train.ema_decay' = 1.0 must be below 1"),
+                            ("train.ckpt_every=5", "unknown key 'train.ckpt_every'")]:
+        proc = neon("train", "--config", str(TOY), "--run-dir", str(run_dir), "--set", setting)
+        assert_one_line_error(proc, needle)

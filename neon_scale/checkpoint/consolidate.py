@@ -5,6 +5,8 @@ parameter's slices at a time) and streamed into `model.safetensors`, or into
 `model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json` when larger than
 `--max-shard-size`. Peak memory is about one tensor, not the model. Names are those of the
 model's `state_dict()`; the values equal DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`.
+With `--ema` the EMA partitions saved beside the checkpoint (train/ema.py, same layout as the
+master partitions) are read instead; buffers and frozen parameters are the same either way.
 """
 from __future__ import annotations
 
@@ -15,18 +17,19 @@ from ..merge.tensors import parse_size, staged_output, write_checkpoint
 from ..merge.zero import ZeroCheckpointSource, is_zero_checkpoint
 
 
-def consolidate(ckpt_dir: pathlib.Path, out: pathlib.Path, *, tag: str | None = None, dtype: str | None = None,
-                max_shard_size: int = 5 * 10**9, overwrite: bool = False, progress=None) -> int:
+def consolidate(ckpt_dir: pathlib.Path, out: pathlib.Path, *, tag: str | None = None, ema: bool = False,
+                dtype: str | None = None, max_shard_size: int = 5 * 10**9, overwrite: bool = False, progress=None) -> int:
     """Write the consolidated checkpoint; returns the number of shards."""
     if not ckpt_dir.is_dir():
         raise NeonError(f"{ckpt_dir}: no such checkpoint directory")
     if not is_zero_checkpoint(ckpt_dir, tag):
         raise NeonError(f"{ckpt_dir}: not a DeepSpeed ZeRO checkpoint (no 'latest' file{' or tag ' + tag if tag else ''})")
-    with ZeroCheckpointSource(ckpt_dir, tag) as source:
+    with ZeroCheckpointSource(ckpt_dir, tag, ema=ema) as source:
         entries = [(key, source.meta(key).cast(dtype)) for key in source.keys()]
         with staged_output(out, overwrite) as staging:
             return write_checkpoint(staging, entries, source.get, max_shard_size,
-                                    {"format": "pt", "source": str(ckpt_dir)}, progress)
+                                    {"format": "pt", "source": str(ckpt_dir), "weights": "ema" if ema else "master"},
+                                    progress)
 
 
 def run_cli(args) -> None:
@@ -34,7 +37,7 @@ def run_cli(args) -> None:
 
     ckpt_dir, out = pathlib.Path(args.ckpt_dir), pathlib.Path(args.out)
     with progress("consolidate", 1) as bar:
-        n = consolidate(ckpt_dir, out, tag=args.tag, dtype=args.dtype, max_shard_size=parse_size(args.max_shard_size),
+        n = consolidate(ckpt_dir, out, tag=args.tag, ema=args.ema, dtype=args.dtype, max_shard_size=parse_size(args.max_shard_size),
                         overwrite=args.overwrite)
         bar.update()
     console.print(f"{ckpt_dir} -> {out} ({n} file{'s' if n > 1 else ''})")

@@ -62,6 +62,8 @@ def read_shard_records(path: pathlib.Path, expected: int, skip_bad: bool) -> tup
         with open(path, "rb") as f:
             files = ({**member, "__url__": str(path)} for member in wti.tar_file_iterator(f))
             for raw in wti.group_by_keys(files):
+                if not any(k.endswith(("npy", "png", "cls")) for k in raw):
+                    continue  # a record cut off by truncation: the count check below reports it
                 try:
                     records.append(decode_record(raw, npy))
                 except Exception as e:  # a payload that does not decode

@@ -121,7 +121,7 @@ class _Slot:
 
 
 class ZeroCheckpointSource(TensorSource):
-    def __init__(self, path: pathlib.Path, tag: str | None = None):
+    def __init__(self, path: pathlib.Path, tag: str | None = None, ema: bool = False):
         d = _tag_dir(pathlib.Path(path), tag)
         self.name = str(d)
         matches = [m for p in _optim_files(d) if (m := OPTIM_RE.fullmatch(p.name))]
@@ -152,6 +152,8 @@ class ZeroCheckpointSource(TensorSource):
             if not isinstance(groups, (list, tuple)) or not all(isinstance(t, torch.Tensor) and t.dim() == 1 for t in groups):
                 raise NeonError(f"{f}: unsupported layout (no list of 1-D tensors under {flat_key})")
             self._flat.append(list(groups))
+        if ema:
+            self._flat = [self._ema_groups(d, r, len(groups)) for r, groups in enumerate(self._flat)]
         if self.stage <= 2:
             model_files = [d / "mp_rank_00_model_states.pt"]
         else:
@@ -183,6 +185,42 @@ class ZeroCheckpointSource(TensorSource):
                 self._entries[alias] = self._entries[target]
         order = [k for k in module if k in self._entries]
         self._keys = order + [k for k in self._entries if k not in set(order)]
+        prefix = self._wrapper_prefix(d)
+        if prefix:  # saved by our trainer, whose engine wraps the model: names as in model.state_dict()
+            self._entries = {k.removeprefix(prefix): v for k, v in self._entries.items()}
+            self._keys = [k.removeprefix(prefix) for k in self._keys]
+
+    @staticmethod
+    def _wrapper_prefix(d: pathlib.Path) -> str:
+        """The name prefix our trainer's loss wrapper adds (recorded in its per-rank state file)."""
+        import json
+
+        from ..train.checkpoint import trainer_file
+
+        path = trainer_file(d, 0)
+        if not path.is_file():
+            return ""
+        try:
+            return str(json.loads(path.read_text()).get("module_prefix", ""))
+        except (OSError, ValueError) as e:
+            raise NeonError(f"{path}: cannot read ({e})") from None
+
+    @staticmethod
+    def _ema_groups(d: pathlib.Path, rank: int, n_groups: int) -> list[torch.Tensor]:
+        """Rank `rank`'s EMA partitions (neon_scale.train.ema), laid out like its fp32 masters."""
+        from safetensors import safe_open
+
+        from ..train.ema import ema_file
+
+        path = ema_file(d, rank)
+        if not path.is_file():
+            raise NeonError(f"{path}: no EMA partition in this checkpoint (trained without train.ema_decay?)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                groups = [f.get_tensor(f"group{g}") for g in range(n_groups)]
+        except Exception as e:
+            raise NeonError(f"{path}: cannot read the EMA partition ({type(e).__name__}: {e})") from None
+        return groups
 
     def _layout_zero12(self, param_shapes: list, paddings: list | None, first: pathlib.Path) -> None:
         if any(len(groups) != len(param_shapes) for groups in self._flat):

@@ -3,7 +3,8 @@
     CKPT/latest                       the tag of the newest complete checkpoint (as DeepSpeed's)
     CKPT/step000250/...               DeepSpeed's model and optimizer partitions
     CKPT/step000250/ema-rank*.safetensors     this rank's EMA partition (train/ema.py)
-    CKPT/step000250/trainer-rank*.json        step, images seen, data-stream positions
+    CKPT/step000250/trainer-rank*.json        step, data-stream positions, the name prefix of
+                                              the model inside the engine (readers strip it)
 
 A save writes the whole tag directory on every rank, waits for all of them, and only then
 replaces `latest` (rank 0, temp file + rename). A kill at any moment leaves `latest` naming a
@@ -21,6 +22,7 @@ from ..errors import NeonError
 from ..io import read_json, write_json, write_text
 
 TAG_RE = re.compile(r"step(\d+)")
+MODULE_PREFIX = "model."  # the engine wraps the model as `.model` (train/engine.py LossModule)
 
 
 def tag_of(step: int) -> str:
@@ -54,7 +56,8 @@ def save(engine, ckpt_dir: pathlib.Path, step: int, trainer_state: dict, ema=Non
     tag_dir = ckpt_dir / tag
     if ema is not None:
         ema.save(tag_dir)
-    write_json(trainer_file(tag_dir, dist.rank()), {**trainer_state, "step": step, "world": dist.world()})
+    write_json(trainer_file(tag_dir, dist.rank()), {**trainer_state, "step": step, "world": dist.world(),
+                                                    "module_prefix": MODULE_PREFIX})
     dist.barrier()  # every rank's files are on disk
     if dist.is_main():
         write_text(ckpt_dir / "latest", tag)
