@@ -5,7 +5,7 @@ train settings are one clear error each; a save cut short is never resumed from.
 import json
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .conftest import LAUNCHER, TOY, neon, small_overrides, torchrun
 from .test_cli import assert_one_line_error
@@ -80,3 +80,17 @@ def test_train_settings_are_checked_when_the_config_loads(run_dir):
                             ("train.ckpt_every=5", "unknown key 'train.ckpt_every'")]:
         proc = neon("train", "--config", str(TOY), "--run-dir", str(run_dir), "--set", setting)
         assert_one_line_error(proc, needle)
+
+
+def test_non_finite_gradient_norm_with_a_finite_loss_stops_the_run(run_dir):
+    """A last layer scaled by 1e17: the loss (~1e34) is finite, the squared gradients are not."""
+    args = ["--config", str(TOY), "--run-dir", str(run_dir), *small_overrides("synth.samplers=[{zeta: 1.1}]")]
+    assert neon("run", "--stage", "base", "--stage", "synth", *args).returncode == 0
+    base = run_dir / "base" / "model.safetensors"
+    weights = load_file(str(base))
+    weights["net.9.weight"] = weights["net.9.weight"] * 1e17
+    save_file(weights, str(base))
+    proc = neon("train", *args)
+    assert_one_line_error(proc, "train zeta=1.1: non-finite gradient norm at step 1;", "last good checkpoint kept in")
+    assert not list((run_dir / "train").rglob("theta_s-*.safetensors"))
+    assert not (run_dir / "train" / "zeta=1.1" / "ckpt" / "latest").exists()
