@@ -41,15 +41,20 @@ class _LineProgress:
     def __init__(self, description: str, total: int):
         self.description, self.total = description, max(total, 1)
         self.done, self.info, self.start, self.last_decile = 0, "", time.perf_counter(), 0
+        self.resumed_at: int | None = None  # work done before this process started (a resumed run)
 
     def update(self, advance: int = 1, info: str | None = None, completed: int | None = None):
         self.done = completed if completed is not None else self.done + advance
+        if self.resumed_at is None:
+            self.resumed_at = self.done if completed is not None else 0
         self.info = info if info is not None else self.info
         decile = min(10, self.done * 10 // self.total)
         if decile > self.last_decile:
             self.last_decile = decile
             elapsed = time.perf_counter() - self.start
-            console.print(f"{self.description}: {self.done}/{self.total} ({elapsed:.0f} s) {self.info}".rstrip(),
+            rate = (self.done - self.resumed_at) / max(elapsed, 1e-9)
+            eta = f", eta {(self.total - self.done) / rate:.0f} s" if rate > 0 and self.done < self.total else ""
+            console.print(f"{self.description}: {self.done}/{self.total} ({elapsed:.0f} s{eta}) {self.info}".rstrip(),
                           markup=False)
 
 
