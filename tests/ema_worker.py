@@ -50,6 +50,7 @@ def main() -> None:
         same = all(torch.equal(weights[k], restored[k]) for k in weights)
         (out_dir / "result.json").write_text(json.dumps({"held_by_both_ranks": held[0], "model_numel": total,
                                                          "weights_restored": same}))
+    dist.finish()
 
 
 if __name__ == "__main__":

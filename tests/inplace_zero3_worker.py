@@ -50,8 +50,7 @@ def main() -> None:
         if dist.is_main():
             save_state_dict(pathlib.Path(out_dir) / f"params-w{w:g}.safetensors", gathered)
             save_state_dict(pathlib.Path(out_dir) / f"masters-w{w:g}.safetensors", masters)
-    dist.barrier()
-    dist.shutdown()
+    dist.finish()
 
 
 if __name__ == "__main__":

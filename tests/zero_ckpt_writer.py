@@ -74,7 +74,7 @@ def main() -> None:
     out = pathlib.Path(sys.argv[1])
     for stage, precision in CASES:
         write(out, stage, precision)
-    dist.barrier()
+    dist.finish()
 
 
 if __name__ == "__main__":
