@@ -102,7 +102,7 @@ class _NpyDecoder:
 
 
 def decode_record(record: dict, npy: _NpyDecoder) -> dict[str, object]:
-    """One webdataset record -> {field: array or int}; raises ValueError on a bad payload."""
+    """One webdataset record -> {field: array or int}; raises on a payload that does not decode."""
     out: dict[str, object] = {}
     for ext, value in record.items():
         if ext.startswith("__") or ext == "json":
@@ -113,35 +113,62 @@ def decode_record(record: dict, npy: _NpyDecoder) -> dict[str, object]:
             out["cls"] = int(value)
         elif ext == "png":
             out["image"] = decode_png(value)
-    if not out:
-        raise ValueError(f"record {record.get('__key__')!r} holds no .npy/.png/.cls payload")
     return out
+
+
+def read_shard(path: pathlib.Path, expected: int | None = None, skip_bad: bool = False,
+               hint: str = "") -> tuple[dict[str, np.ndarray], int, int]:
+    """Decode every record of one shard, in order -> (columns {field: stacked array}, number of
+    good records, number of bad records). Bad input (unreadable tar, undecodable record, fewer
+    records than `expected`) is one error naming the shard, ending with `hint`; with `skip_bad`
+    the bad records are skipped and counted instead."""
+    import webdataset.tariterators as wti
+
+    records, bad, npy = [], 0, _NpyDecoder()
+    try:
+        with open(path, "rb") as f:
+            files = ({**member, "__url__": str(path)} for member in wti.tar_file_iterator(f))
+            for raw in wti.group_by_keys(files):
+                if not any(k.endswith(("npy", "png", "cls")) for k in raw):
+                    continue  # a record cut off by truncation: the count check below reports it
+                try:
+                    records.append(decode_record(raw, npy))
+                except Exception as e:  # a payload that does not decode
+                    if not skip_bad:
+                        raise NeonError(f"{path}: bad record {raw.get('__key__')!r} ({type(e).__name__}: {e}){hint}") from None
+                    bad += 1
+    except NeonError:
+        raise
+    except FileNotFoundError:
+        raise NeonError(f"{path}: shard not found") from None
+    except Exception as e:  # tarfile errors of every flavour
+        if not skip_bad:
+            raise NeonError(f"{path}: corrupt or truncated shard ({type(e).__name__}: {e}){hint}") from None
+    missing = 0 if expected is None else expected - len(records) - bad
+    if missing > 0:
+        if not skip_bad:
+            raise NeonError(f"{path}: corrupt or truncated shard (holds {len(records) + bad} samples, the manifest "
+                            f"says {expected}){hint}")
+        bad += missing
+    fields = set(records[0]) if records else set()
+    keep = [r for r in records if set(r) == fields]
+    if len(keep) < len(records):  # records lacking a field the others have
+        if not skip_bad:
+            raise NeonError(f"{path}: records with different fields ({sorted(fields)} and others){hint}")
+        bad += len(records) - len(keep)
+    columns = {name: np.array([r[name] for r in keep], dtype=np.int64) if name == "cls" else np.stack([r[name] for r in keep])
+               for name in fields}
+    return columns, len(keep), bad
 
 
 def read_shards(paths: list[pathlib.Path], expected_counts: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Read whole shards into memory (small synthetic sets); one clear error per bad shard."""
-    columns: dict[str, list] = {}
-    npy = _NpyDecoder()
+    parts = []
     for i, path in enumerate(paths):
-        if not path.is_file():
-            raise NeonError(f"{path}: shard not found")
-        count = 0
-        try:
-            pipeline = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=lambda urls: urls, empty_check=False)
-            for record in pipeline:
-                for name, value in decode_record(record, npy).items():
-                    columns.setdefault(name, []).append(value)
-                count += 1
-        except NeonError:
-            raise
-        except Exception as e:  # tarfile / decode errors of every flavour
-            raise NeonError(f"{path}: corrupt or truncated shard ({type(e).__name__}: {e})") from None
-        if expected_counts is not None and count != expected_counts[i]:
-            raise NeonError(f"{path}: corrupt or truncated shard (holds {count} samples, the manifest says {expected_counts[i]})")
-    out = {}
-    for name, values in columns.items():
-        if name == "cls":
-            out[name] = torch.tensor(values, dtype=torch.long)
-        else:
-            out[name] = torch.from_numpy(np.stack(values))
-    return out
+        expected = None if expected_counts is None else expected_counts[i]
+        columns, count, _ = read_shard(path, expected)
+        if expected is not None and count != expected:
+            raise NeonError(f"{path}: corrupt or truncated shard (holds {count} samples, the manifest says {expected})")
+        parts.append(columns)
+    fields = next((p for p in parts if p), {})
+    return {name: torch.from_numpy(np.concatenate([p[name] for p in parts if p])) for name in fields}

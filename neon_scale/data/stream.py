@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .. import rng
 from ..errors import NeonError
 from ..io import read_json
-from .shards import MANIFEST, _NpyDecoder, decode_record
+from .shards import MANIFEST, read_shard
 
 
 @dataclass
@@ -51,47 +51,7 @@ def worker_shards(n_shards: int, rank: int, world: int, worker: int, workers: in
     return list(range(n_shards))
 
 
-def read_shard_records(path: pathlib.Path, expected: int, skip_bad: bool) -> tuple[dict[str, np.ndarray], int, int]:
-    """Decode every record of one shard, in order -> (columns {field: stacked array}, number of
-    good records, number of bad records)."""
-    import webdataset.tariterators as wti
-
-    records, bad, npy = [], 0, _NpyDecoder()
-    hint = "; set train.skip_bad=true to skip and count bad records"
-    try:
-        with open(path, "rb") as f:
-            files = ({**member, "__url__": str(path)} for member in wti.tar_file_iterator(f))
-            for raw in wti.group_by_keys(files):
-                if not any(k.endswith(("npy", "png", "cls")) for k in raw):
-                    continue  # a record cut off by truncation: the count check below reports it
-                try:
-                    records.append(decode_record(raw, npy))
-                except Exception as e:  # a payload that does not decode
-                    if not skip_bad:
-                        raise NeonError(f"{path}: bad record {raw.get('__key__')!r} ({type(e).__name__}: {e}){hint}") from None
-                    bad += 1
-    except NeonError:
-        raise
-    except FileNotFoundError:
-        raise NeonError(f"{path}: shard not found") from None
-    except Exception as e:  # tarfile errors of every flavour
-        if not skip_bad:
-            raise NeonError(f"{path}: corrupt or truncated shard ({type(e).__name__}: {e}){hint}") from None
-    missing = expected - len(records) - bad
-    if missing > 0:
-        if not skip_bad:
-            raise NeonError(f"{path}: corrupt or truncated shard (holds {len(records) + bad} samples, the manifest "
-                            f"says {expected}){hint}")
-        bad += missing
-    fields = set(records[0]) if records else set()
-    keep = [r for r in records if set(r) == fields]
-    if len(keep) < len(records):  # records lacking a field the others have
-        if not skip_bad:
-            raise NeonError(f"{path}: records with different fields ({sorted(fields)} and others){hint}")
-        bad += len(records) - len(keep)
-    columns = {name: np.array([r[name] for r in keep], dtype=np.int64) if name == "cls" else np.stack([r[name] for r in keep])
-               for name in fields}
-    return columns, len(keep), bad
+SKIP_HINT = "; set train.skip_bad=true to skip and count bad records"
 
 
 class ShardStream(IterableDataset):
@@ -102,7 +62,7 @@ class ShardStream(IterableDataset):
         self.micro_batch, self.seed, self.rank, self.world = micro_batch, seed, rank, world
         self.workers, self.skip_bad, self.cache_bytes = max(workers, 1), skip_bad, cache_bytes
         self.start = [StreamPos(**p) for p in start] if start else [StreamPos() for _ in range(self.workers)]
-        self._cache: dict[int, tuple[dict[str, np.ndarray], int, int]] = {}
+        self._cache: dict[int, tuple[tuple[dict[str, np.ndarray], int, int], int]] = {}  # -> (shard, bytes)
         if len(self.start) != self.workers:
             raise NeonError(f"{set_dir}: the checkpoint holds {len(self.start)} loader positions, "
                             f"train.workers gives {self.workers}")
@@ -115,15 +75,12 @@ class ShardStream(IterableDataset):
         """A shard's decoded columns; shards stay decoded up to `cache_bytes` per worker (small sets
         are then decoded once), the oldest dropped first."""
         if index not in self._cache:
-            entry = read_shard_records(*self.shards[index], self.skip_bad)
+            entry = read_shard(*self.shards[index], skip_bad=self.skip_bad, hint=SKIP_HINT)
             size = sum(a.nbytes for a in entry[0].values())
-            def held() -> int:
-                return sum(sum(a.nbytes for a in cols.values()) for cols, _, _ in self._cache.values())
-
-            while self._cache and held() + size > self.cache_bytes:
+            while self._cache and sum(held for _, held in self._cache.values()) + size > self.cache_bytes:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[index] = entry
-        return self._cache[index]
+            self._cache[index] = (entry, size)
+        return self._cache[index][0]
 
     def batches(self, worker: int):
         """(micro-batch as {field: array}, position after it) forever, for one worker."""

@@ -9,6 +9,7 @@ step, rank), not of history.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -119,10 +120,7 @@ def finetune(ctx: RunContext, settings: dict) -> None:
                 bar.update(completed=done, info=f"loss {mean:.5f}  lr {lr:.2e}  {speed:,.0f} img/s"
                                                  + (f"  bad {bad}" if bad else ""))
             if done in save_steps:
-                if ema is not None:
-                    with ema.swapped_in():
-                        state_dict = full_fp32_state_dict(engine)
-                else:
+                with ema.swapped_in() if ema is not None else contextlib.nullcontext():
                     state_dict = full_fp32_state_dict(engine)
                 if dist.is_main():
                     save_state_dict(out_dir / f"theta_s-step{done:06d}.safetensors", state_dict,

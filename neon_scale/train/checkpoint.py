@@ -61,10 +61,8 @@ def save(engine, ckpt_dir: pathlib.Path, step: int, trainer_state: dict, ema=Non
     dist.barrier()  # every rank's files are on disk
     if dist.is_main():
         write_text(ckpt_dir / "latest", tag)
-        kept = [p for _, p in _tags(ckpt_dir)][-keep_last:]
-        for _, path in _tags(ckpt_dir):
-            if path not in kept:
-                shutil.rmtree(path, ignore_errors=True)
+        for _, path in _tags(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
     dist.barrier()
 
 
