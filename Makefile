@@ -14,13 +14,13 @@ RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu
 
 install: $(STAMP)
 
-$(STAMP): setup.py requirements.txt constraints.txt tools/fix_torchvision_cpu.py
+$(STAMP): setup.py requirements.txt constraints.txt tools/fix_torchvision_cpu.py csrc/fid_preprocess.cpp csrc/fid_preprocess_cuda.cu csrc/fid_preprocess.h
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0 $(QUIET)
 	$(PIP) -c constraints.txt -r requirements.txt $(QUIET)
 	$(PIP) -c constraints.txt --no-build-isolation --no-deps -e . $(QUIET)
 	$(PY) tools/fix_torchvision_cpu.py
-	$(RUN) $(PY) -c "import torch, deepspeed, triton, webdataset, safetensors, rich, torch_fidelity, neon_scale.kernels"
+	$(RUN) $(PY) -c "import torch, deepspeed, triton, webdataset, safetensors, rich, torch_fidelity, neon_scale.kernels, neon_scale._fid_ops"
 	touch $(STAMP)
 
 demo: install

@@ -1,10 +1,49 @@
 """Install neon_scale; `kernels/` is installed as `neon_scale.kernels`.
 
-The C++/CUDA extension in `csrc/` arrives with the FID issue; until then nothing is compiled here.
+Also builds the FID pre-processing op `neon_scale._fid_ops` from `csrc/` (see csrc/README.md)
+with torch's BuildExtension (ninja): always the C++ CPU path; the CUDA path as well (compiled
+with -DWITH_CUDA) when this torch has CUDA and nvcc is found (CUDA_HOME). torch is imported
+here, so install with `pip install --no-build-isolation --no-deps -e .` after torch (Makefile).
+Without the extension, neon_scale.metrics.preprocess falls back to pure torch (and warns).
 """
+import os
+import sys
+
+import torch
 from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+# The ninja next to this interpreter (the venv's) builds the extension, also when pip runs this
+# without the venv's bin/ on PATH (as the Makefile's install line does).
+_bin = os.path.dirname(sys.executable)
+if os.access(os.path.join(_bin, "ninja"), os.X_OK):
+    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 
 packages = find_packages(include=["neon_scale", "neon_scale.*"]) + ["neon_scale.kernels"]
+
+# -ffp-contract=off / --fmad=false: no fused multiply-add, so the float32 rounding matches
+# torch-fidelity's op-by-op arithmetic. -fopenmp: at::parallel_for runs on OpenMP in torch's
+# CPU builds and is serial without it. The rpath lets `import neon_scale._fid_ops` find
+# libc10/libtorch before torch is imported (the module then imports torch itself).
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
+TORCH_LIB = os.path.join(os.path.dirname(torch.__file__), "lib")
+LINK_FLAGS = ["-fopenmp", f"-Wl,-rpath,{TORCH_LIB}"]
+
+if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+    fid_ops = cpp_extension.CUDAExtension(
+        "neon_scale._fid_ops",
+        ["csrc/fid_preprocess.cpp", "csrc/fid_preprocess_cuda.cu"],
+        define_macros=[("WITH_CUDA", None)],
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "--fmad=false"]},
+        extra_link_args=LINK_FLAGS,
+    )
+else:
+    fid_ops = cpp_extension.CppExtension(
+        "neon_scale._fid_ops",
+        ["csrc/fid_preprocess.cpp"],
+        extra_compile_args=CXX_FLAGS,
+        extra_link_args=LINK_FLAGS,
+    )
 
 setup(
     name="neon_scale",
@@ -28,4 +67,6 @@ setup(
         "pillow",
     ],
     entry_points={"console_scripts": ["neon=neon_scale.cli:main"]},
+    ext_modules=[fid_ops],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

@@ -3,13 +3,14 @@
 
   DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launchers/neon.py --config configs/toy2d.yaml
   deepspeed launchers/neon.py --config configs/toy2d.yaml --stage sweep
+  torchrun --nproc-per-node 8 launchers/neon.py fid samples/ --ref ref.npz --weights inception.pth
 """
 import sys
 
-from neon_scale.cli import STAGE_HELP, main
+from neon_scale.cli import COMMANDS, main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    if not argv or argv[0] not in STAGE_HELP:
+    if not argv or argv[0] not in COMMANDS:
         argv = ["run", *argv]
     main(argv)

@@ -2,6 +2,7 @@
 
   neon run   --config configs/toy2d.yaml          all stages: base, synth, train, sweep
   neon synth --config ... --set synth.n=2000      one stage (its inputs must exist)
+  neon fid samples/ --ref ref.npz --weights inception.pth   FID of an image set
 
 Errors from bad input print one line and exit 2; --debug shows the traceback instead.
 """
@@ -20,6 +21,7 @@ STAGE_HELP = {
     "train": "fine-tune theta_r on S with DeepSpeed -> theta_s checkpoints",
     "sweep": "merge theta_r + w (theta_r - theta_s), evaluate, select w",
 }
+COMMANDS = (*STAGE_HELP, "merge", "consolidate", "fid")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -71,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     cons.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
     cons.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     cons.add_argument("--debug", action="store_true", help="show tracebacks")
+    fid_help = "FID / Inception Score / KID / precision-recall of image sets (torch-fidelity's numbers, distributed)"
+    from .metrics.command import add_args as add_fid_args
+
+    add_fid_args(sub.add_parser("fid", help=fid_help, description=fid_help,
+                                epilog="Multi-rank: torchrun --nproc-per-node 8 launchers/neon.py fid ..."))
     return parser
 
 
@@ -107,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
             from .checkpoint.consolidate import run_cli as consolidate_cli
 
             consolidate_cli(args)
+        elif args.command == "fid":
+            from .metrics.command import run_cli as fid_cli
+
+            fid_cli(args)
         else:
             run_command(args)
     except NeonError as e:

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import pathlib
 import types
 import typing
@@ -88,6 +89,9 @@ class EvalConfig:
     sampler: dict = _f({}, help="sampler settings used to evaluate every merged model")
     chunk: int = _f(25000, min=1, help="samples per noise chunk (chunk i always gets the same noise)")
     seed: int = _f(1234)
+    inception_weights: Optional[str] = _f(None, help="image models: torch-fidelity's InceptionV3 weights (local)")
+    ref_stats: Optional[str] = _f(None, help="image models: reference statistics .npz (mu, sigma)")
+    batch_size: int = _f(64, min=1, help="image models: Inception batch size")
 
 
 @dataclass
@@ -266,6 +270,12 @@ def validate(cfg: Config, where: str) -> None:
             raise NeonError(f"{where}: 'synth.samplers[{i}]' must be a mapping, got {s!r}")
         spec.parse_sampler(s, where, f"synth.samplers[{i}]")
     spec.parse_sampler(cfg.eval.sampler, where, "eval.sampler")
+    if spec.makes_images:
+        for key in ("inception_weights", "ref_stats"):
+            value = getattr(cfg.eval, key)
+            if not value or not os.path.isfile(value):
+                raise NeonError(f"{where}: 'eval.{key}' = {value!r}: file not found (image models are evaluated "
+                                f"by FID against eval.ref_stats with eval.inception_weights)")
     steps = cfg.train.save_steps
     if not steps or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in steps):
         raise NeonError(f"{where}: 'train.save_steps' must be a non-empty list of positive integers, got {steps!r}")

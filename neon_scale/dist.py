@@ -67,9 +67,20 @@ def barrier() -> None:
         tdist.barrier()
 
 
+def _comm_device() -> torch.device:
+    """NCCL moves only CUDA tensors; gloo only CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if tdist.is_initialized() and tdist.get_world_size() > 1:
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        dev = _comm_device()
+        if t.device == dev:
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        else:
+            moved = t.to(dev)
+            tdist.all_reduce(moved, op=tdist.ReduceOp.SUM)
+            t.copy_(moved)
     return t
 
 
@@ -97,3 +108,30 @@ def finish() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def gather_rows(index: torch.Tensor, rows: torch.Tensor, dst: int = 0):
+    """Rows held by each rank (with their global indices) -> all rows sorted by index on `dst`,
+    None elsewhere. Ranks may hold different counts; tensors are padded to the largest."""
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        order = torch.argsort(index)
+        return index[order], rows[order]
+    dev = _comm_device()
+    counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world())]
+    tdist.all_gather(counts, torch.tensor([index.numel()], dtype=torch.int64, device=dev))
+    most = int(max(c.item() for c in counts))
+    pad_index = torch.full((most,), -1, dtype=torch.int64, device=dev)
+    pad_index[:index.numel()] = index
+    pad_rows = torch.zeros((most, *rows.shape[1:]), dtype=rows.dtype, device=dev)
+    pad_rows[:rows.shape[0]] = rows
+    main = rank() == dst
+    index_list = [torch.empty_like(pad_index) for _ in range(world())] if main else None
+    rows_list = [torch.empty_like(pad_rows) for _ in range(world())] if main else None
+    tdist.gather(pad_index, index_list, dst=dst)
+    tdist.gather(pad_rows, rows_list, dst=dst)
+    if not main:
+        return None
+    all_index = torch.cat([t[:int(c.item())] for t, c in zip(index_list, counts)]).cpu()
+    all_rows = torch.cat([t[:int(c.item())] for t, c in zip(rows_list, counts)]).cpu()
+    order = torch.argsort(all_index)
+    return all_index[order], all_rows[order]

@@ -9,6 +9,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOY = ROOT / "configs" / "toy2d.yaml"
@@ -50,3 +51,50 @@ LAUNCHER = ROOT / "launchers" / "neon.py"
 @pytest.fixture
 def run_dir(tmp_path):
     return tmp_path / "run"
+
+
+def write_image_set(folder: pathlib.Path, n: int, seed: int, brightness: float, size=(40, 48)) -> pathlib.Path:
+    """n smooth random RGB PNGs (upsampled 8x8 noise + pixel noise): image-like, and a set's
+    brightness shifts its feature distribution."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        low = Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8))
+        img = np.asarray(low.resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32)
+        img = np.clip(img * brightness + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """Random InceptionV3 weights (torch-fidelity's layout) with calibrated batch norms, in a file."""
+    from neon_scale.metrics.inception import random_inception_weights
+
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
+    random_inception_weights(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_sets(tmp_path_factory):
+    """Two small PNG folders with different distributions: (generated, reference)."""
+    root = tmp_path_factory.mktemp("images")
+    return write_image_set(root / "gen", 24, seed=0, brightness=1.0), write_image_set(root / "ref", 20, seed=1,
+                                                                                        brightness=0.7)
+
+
+class UInt8Images(Dataset):
+    """A map-style dataset over a uint8 image tensor: torch-fidelity's in-memory input form."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]

@@ -12,7 +12,7 @@ import pytest
 from .conftest import ROOT
 
 SCRIPT = ROOT / "launchers" / "hostfile.py"
-SBATCH = {"neon": ROOT / "launchers" / "slurm" / "neon.sbatch", "eval": ROOT / "launchers" / "slurm" / "eval.sbatch"}
+SBATCH = {name: ROOT / "launchers" / "slurm" / f"{name}.sbatch" for name in ("neon", "eval", "fid")}
 FAKE_JOB = "SLURM_JOB_NODELIST=gpu[01-02]\nSLURM_GPUS_ON_NODE=4\nSLURM_JOB_ID=12345\n"
 NEON_ARGS = ["--config", "configs/toy2d.yaml", "--set", "train.lr=1e-5"]
 
@@ -237,11 +237,12 @@ def test_sbatch_syntax(name):
 
 
 @pytest.mark.parametrize("gpu", [False, True])
-@pytest.mark.parametrize("name, nodelist, extra", [
-    ("neon", "gpu[01-02]", []),
-    ("eval", "gpu07", ["--stage", "sweep"]),
+@pytest.mark.parametrize("name, nodelist, prefix", [
+    ("neon", "gpu[01-02]", ["--config", "configs/toy2d.yaml"]),
+    ("eval", "gpu07", ["--config", "configs/toy2d.yaml", "--stage", "sweep"]),
+    ("fid", "gpu[01-04]", ["fid"]),
 ])
-def test_sbatch_runs_one_launcher_with_forwarded_args(tmp_path, name, nodelist, extra, gpu):
+def test_sbatch_runs_one_launcher_with_forwarded_args(tmp_path, name, nodelist, prefix, gpu):
     """Run the batch script as Slurm would; only without a GPU does it name the CPU accelerator."""
     submit = tmp_path / "repo"
     submit.mkdir()
@@ -254,5 +255,4 @@ def test_sbatch_runs_one_launcher_with_forwarded_args(tmp_path, name, nodelist, 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"DS_ACCELERATOR={'' if gpu else 'cpu'}\n" in proc.stdout
     args = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ARG ")]
-    assert args[args.index("launchers/neon.py"):] == [
-        "launchers/neon.py", "--config", "configs/toy2d.yaml", *extra, "--set", "train.lr=1e-5"]
+    assert args[args.index("launchers/neon.py"):] == ["launchers/neon.py", *prefix, "--set", "train.lr=1e-5"]

@@ -1,15 +1,21 @@
-"""Frechet distance from streaming float64 moments (the one place FID statistics are computed).
+"""FID statistics: streaming float64 moments, the Frechet distance, ADM-style `.npz` stats files.
 
 Moments accumulate sum(x), sum(x x^T) and the count in float64, are summed across ranks with one
-all-reduce, and give (mu, sigma) with the unbiased covariance. The distance follows
-torch-fidelity 0.4: ||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 sum(sqrt(eigvals(s1 @ s2))).
+all-reduce, and give (mu, sigma) with the unbiased covariance. The distance is torch-fidelity
+0.4's: ||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 sum(Re sqrt(eigvals(s1 @ s2))).
+Stats files hold `mu` [d] and `sigma` [d, d], as the ADM reference batches do, so numbers are
+comparable with published ones.
 """
 from __future__ import annotations
+
+import pathlib
+import zipfile
 
 import numpy as np
 import torch
 
-from .. import dist
+from .. import dist, io
+from ..errors import NeonError
 
 
 class Moments:
@@ -23,7 +29,7 @@ class Moments:
         f = feats.to(torch.float64).reshape(-1, self.dim)
         self.count += f.shape[0]
         self.sum += f.sum(0)
-        self.outer += f.T @ f
+        self.outer.addmm_(f.T, f)
 
     def all_reduce(self) -> "Moments":
         flat = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64), self.sum, self.outer.flatten()])
@@ -36,7 +42,7 @@ class Moments:
     def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.count
         if n < 2:
-            raise ValueError(f"need at least 2 samples for a covariance, got {n}")
+            raise NeonError(f"need at least 2 samples for a covariance, got {n}")
         mu = self.sum / n
         cov = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
         return mu, cov
@@ -46,6 +52,54 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = (np.asarray(m, dtype=np.float64) for m in (mu1, mu2))
     sigma1, sigma2 = (np.asarray(s, dtype=np.float64) for s in (sigma1, sigma2))
     diff = mu1 - mu2
-    eig = np.linalg.eigvals(sigma1 @ sigma2)
-    tr_sqrt = np.sqrt(np.clip(eig.real, 0, None)).sum()
+    eig = np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128)
+    tr_sqrt = np.sqrt(eig).real.sum()
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
+
+
+def is_stats_file(path: str | pathlib.Path) -> bool:
+    """An `.npz` holding `mu` and `sigma` (ADM reference batches may also hold images: stats win)."""
+    path = pathlib.Path(path)
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {n.removesuffix(".npy") for n in z.namelist()}
+    except zipfile.BadZipFile:
+        return False
+    return {"mu", "sigma"} <= names
+
+
+def read_stats(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise NeonError(f"{path}: statistics file not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = set(f.files)
+            if not {"mu", "sigma"} <= keys:
+                raise NeonError(f"{path}: statistics file needs keys 'mu' and 'sigma', found {sorted(keys)}")
+            mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+    except NeonError:
+        raise
+    except Exception as e:  # noqa: BLE001 (zip/npy/pickle errors are all "not a stats file")
+        raise NeonError(f"{path}: not a readable .npz statistics file ({type(e).__name__}: {e})")
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise NeonError(f"{path}: 'mu' {mu.shape} and 'sigma' {sigma.shape} are not [d] and [d, d]")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise NeonError(f"{path}: 'mu'/'sigma' contain non-finite values")
+    return mu, sigma
+
+
+def write_stats(path: str | pathlib.Path, mu, sigma, n: int) -> None:
+    """mu/sigma float64 (plus n), written atomically; loads in ADM's evaluator and our `read_stats`."""
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    with io.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, n=np.int64(n))
+
+
+def check_same_dim(a: tuple[str, np.ndarray], b: tuple[str, np.ndarray]) -> None:
+    (name_a, mu_a), (name_b, mu_b) = a, b
+    if mu_a.shape != mu_b.shape:
+        raise NeonError(f"feature dimensions differ: {name_a} has {mu_a.shape[0]}, {name_b} has {mu_b.shape[0]}")

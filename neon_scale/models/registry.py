@@ -57,7 +57,12 @@ class ModelSpec:
         raise NeonError(f"model {self.name!r} has no built-in real data: set base.weights")
 
     def features(self, samples: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Metric features of samples, float64 [n, d]."""
+        """Metric features of samples, float64 [n, d] (models that are not image models)."""
+        raise NotImplementedError
+
+    def images(self, samples: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Image models: samples as uint8 [n, 3, H, W]; their metric is FID with Inception features
+        (eval.inception_weights) against eval.ref_stats."""
         raise NotImplementedError
 
     def reference_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +70,7 @@ class ModelSpec:
         raise NotImplementedError
 
     metric_name: ClassVar[str] = "fid"
+    makes_images: ClassVar[bool] = False  # True: `images()` + Inception FID instead of `features()`
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

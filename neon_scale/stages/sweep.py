@@ -16,7 +16,7 @@ from .. import dist
 from ..console import console, log, progress
 from ..io import atomic_path, load_state_dict, write_json, write_text
 from ..merge.inplace import Extrapolator, module_slots
-from ..metrics.sample_eval import evaluate
+from ..metrics.sample_eval import SampleMetric, evaluate
 from ..sweep import search
 from .common import RunContext, StageDir
 
@@ -107,6 +107,7 @@ def run(ctx: RunContext) -> None:
     base_state = load_state_dict(ctx.base_weights())
     model = ctx.load_model(ctx.base_weights())
     sw, ev = cfg.sweep, cfg.eval
+    sample_metric = SampleMetric(ctx.spec, ev)
     summary = []
     checkpoints = ctx.checkpoints()
     with progress("sweep", len(checkpoints)) as bar:
@@ -123,7 +124,7 @@ def run(ctx: RunContext) -> None:
                 metric = store.cached(row)
                 if metric is None:
                     extrapolator.set_w(w)
-                    metric = evaluate(ctx.spec, model, ctx.spec.parse_sampler(eval_sampler), n, ev.seed, ev.chunk)
+                    metric = evaluate(sample_metric, model, ctx.spec.parse_sampler(eval_sampler), n, ev.seed, ev.chunk)
                 store.add({**row, "eval_sampler": eval_sampler, "metric_name": ctx.spec.metric_name, "metric": metric})
                 return metric
 

@@ -1,0 +1,143 @@
+"""`neon fid INPUT [INPUT2 | --ref REF.npz] --weights W.pth ...`: FID / IS / KID / PR of image sets.
+
+Inputs: folders of PNG/JPEG, ADM sample batches (.npz with arr_0), webdataset shards, or (INPUT
+only, FID only) a statistics .npz with mu/sigma. Everything is checked before any image is decoded.
+Under `torchrun`/`deepspeed` every rank extracts a disjoint share; rank 0 writes the results.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from .. import dist, io
+from ..console import log
+from ..errors import NeonError
+
+METRICS = ("fid", "isc", "kid", "prc")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="generated images: image folder, ADM .npz (arr_0), webdataset .tar / folder of "
+                                 ".tar, or a stats .npz (mu, sigma)")
+    p.add_argument("input2", nargs="?", help="reference images (same forms) or a stats .npz")
+    p.add_argument("--ref", help="reference statistics .npz with mu, sigma (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+    p.add_argument("--weights", required=True, help="torch-fidelity's InceptionV3 weights file "
+                                                    "(weights-inception-2015-12-05-6726825d.pth), local")
+    p.add_argument("--metrics", default=None, help="comma list of fid,isc,kid,prc (default: fid with a second "
+                                                   "input or --ref, else isc)")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="write INPUT's mu/sigma (ADM format)")
+    p.add_argument("--json", metavar="OUT.json", help="write the results as JSON (rank 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per network batch (default 64)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader decode workers per rank (default min(4, cores))")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and count them (default: error)")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (default 1000)")
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda:LOCAL_RANK when available)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _metrics(args) -> list[str]:
+    second = args.input2 or args.ref
+    if args.input2 and args.ref:
+        raise NeonError("give either INPUT2 or --ref, not both")
+    wanted = args.metrics.split(",") if args.metrics else (["fid"] if second else ["isc"])
+    wanted = [m.strip() for m in wanted if m.strip()]
+    for m in wanted:
+        if m not in METRICS:
+            raise NeonError(f"--metrics: unknown metric '{m}' (choose from {', '.join(METRICS)})")
+    if any(m in wanted for m in ("fid", "kid", "prc")) and not second:
+        raise NeonError(f"--metrics {','.join(wanted)}: needs a second input (INPUT2 or --ref)")
+    if args.batch_size < 1 or args.workers < 0:
+        raise NeonError(f"--batch-size must be >= 1 and --workers >= 0 (got {args.batch_size}, {args.workers})")
+    return wanted
+
+
+def _open(path: str, role: str, wanted: list[str]):
+    """-> ("stats", (mu, sigma)) or ("images", source), checked before any work starts."""
+    from .fid import is_stats_file, read_stats
+    from .inputs import has_images, open_source
+
+    needs_images = [m for m in wanted if m in ("kid", "prc") or (m == "isc" and role == "input1")]
+    if is_stats_file(path) and not (needs_images and has_images(path)):
+        if needs_images:
+            raise NeonError(f"{path}: is a statistics file; {','.join(needs_images)} need images")
+        return "stats", read_stats(path)
+    return "images", open_source(path)
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    from .fid import check_same_dim, frechet_distance, read_stats, write_stats
+
+    wanted = _metrics(args)
+    inputs = {"input1": _open(args.input, "input1", wanted)}
+    if args.input2:
+        inputs["input2"] = _open(args.input2, "input2", wanted)
+    elif args.ref:
+        if "kid" in wanted or "prc" in wanted:
+            raise NeonError(f"--ref {args.ref}: kid and prc need reference images (INPUT2), not statistics")
+        inputs["input2"] = ("stats", read_stats(args.ref))
+    if args.save_stats and inputs["input1"][0] == "stats":
+        raise NeonError(f"--save-stats: {args.input} already is a statistics file")
+    if "kid" in wanted and args.kid_subset_size < 2:
+        raise NeonError(f"--kid-subset-size must be >= 2, got {args.kid_subset_size}")
+    paths = {"input1": args.input, "input2": args.input2 or args.ref}
+    if all(kind == "stats" for kind, _ in inputs.values()):
+        check_same_dim((paths["input1"], inputs["input1"][1][0]), (paths["input2"], inputs["input2"][1][0]))
+
+    import torch  # the heavy imports (torch-fidelity pulls torchvision) after the cheap checks
+
+    from .features import FeatureStats, InceptionFeatures, extract
+    from .scores import inception_score, kernel_inception_distance, precision_recall
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init()
+    device = torch.device(args.device) if args.device else None
+    extractor = None
+    results: dict = {}
+    stats: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    for role, (kind, value) in inputs.items():
+        if kind == "stats":
+            stats[role] = {"mu": value[0], "sigma": value[1], "n": None}
+            continue
+        if extractor is None:
+            extractor = InceptionFeatures(args.weights, device, args.batch_size)
+        acc = FeatureStats(keep_pool="kid" in wanted or "prc" in wanted, keep_logits="isc" in wanted and role == "input1")
+        timing = extract(value, extractor, acc, args.workers, args.skip_bad, label=f"{role} features")
+        stats[role] = acc.finish()
+        for k, v in timing.items():
+            seconds[k] = seconds.get(k, 0.0) + v
+        if stats[role]["bad"]:
+            results.setdefault("skipped_bad", {})[role] = stats[role]["bad"]
+    elapsed = time.perf_counter() - start
+
+    s1, s2 = stats["input1"], stats.get("input2")
+    if s2 is not None:
+        check_same_dim((paths["input1"], s1["mu"]), (paths["input2"], s2["mu"]))
+    if "fid" in wanted:
+        results["fid"] = frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"])
+    if dist.is_main():
+        if "isc" in wanted:
+            results["is_mean"], results["is_std"] = inception_score(s1["logits"])
+        if "kid" in wanted:
+            results["kid_mean"], results["kid_std"] = kernel_inception_distance(
+                s1["pool"], s2["pool"], args.kid_subsets, args.kid_subset_size)
+        if "prc" in wanted:
+            results["precision"], results["recall"] = precision_recall(s1["pool"], s2["pool"])
+        results["n"] = {role: s["n"] for role, s in stats.items()}
+        results["inputs"] = {role: paths[role] for role in stats}
+        images = sum(s["n"] or 0 for s in stats.values())
+        results["images_per_s"] = images / max(elapsed, 1e-9)
+        results["ranks"] = dist.world()
+        results["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        if args.save_stats:
+            write_stats(args.save_stats, s1["mu"], s1["sigma"], s1["n"])
+        if args.json:
+            io.write_json(args.json, results)
+        shown = [f"{k} {results[k]:.6g}" for k in ("fid", "is_mean", "kid_mean", "precision", "recall") if k in results]
+        counts = ", ".join(f"n={v}" for v in results["n"].values() if v is not None)
+        log(" | ".join(shown) + f" ({counts}; {results['images_per_s']:.1f} img/s on {dist.world()} rank(s))")
+    dist.barrier()

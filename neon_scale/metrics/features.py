@@ -1,0 +1,141 @@
+"""uint8 images -> Inception features -> per-input statistics, on every rank.
+
+`InceptionFeatures` runs the csrc pre-processing op and the network on a batch (from a sampler in
+memory, or decoded by DataLoader workers). `FeatureStats` keeps what the metrics need: float64
+moments for FID (all-reduced once), and, only when IS/KID/PR are asked for, the rows themselves
+with their global indices (gathered to rank 0 in input order). `extract` drives one input source.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from .. import dist
+from ..console import progress
+from ..errors import NeonError
+from .fid import Moments
+from .inception import FEATURE_DIM, load_inception, no_tf32
+from .inputs import RankShare, collate
+from .preprocess import preprocess
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class InceptionFeatures:
+    """uint8 [N, 3, H, W] (or NHWC) -> (pool [N, 2048], logits_unbiased [N, 1008]) float32 on the CPU."""
+
+    def __init__(self, weights: str, device: torch.device | None = None, batch_size: int = 64):
+        self.device = device or default_device()
+        self.batch_size = batch_size
+        self.model = load_inception(weights, self.device).to(memory_format=torch.channels_last)
+        self.seconds = {"preprocess": 0.0, "network": 0.0}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, layout: str = "nchw") -> tuple[torch.Tensor, torch.Tensor]:
+        pools, logits = [], []
+        with no_tf32():
+            for chunk in images.split(self.batch_size):
+                t0 = time.perf_counter()
+                x = preprocess(chunk.to(self.device, non_blocking=True), layout=layout, channels_last_out=True)
+                self._sync()
+                t1 = time.perf_counter()
+                pool, logit = self.model(x)
+                pools.append(pool.cpu())
+                logits.append(logit.cpu())
+                t2 = time.perf_counter()
+                self.seconds["preprocess"] += t1 - t0
+                self.seconds["network"] += t2 - t1
+        return torch.cat(pools), torch.cat(logits)
+
+
+class FeatureStats:
+    """One input's statistics on this rank; `finish()` combines ranks."""
+
+    def __init__(self, keep_pool: bool = False, keep_logits: bool = False):
+        self.moments = Moments(FEATURE_DIM)
+        self.keep_pool, self.keep_logits = keep_pool, keep_logits
+        self.index: list[torch.Tensor] = []
+        self.pool: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        self.n = 0
+        self.bad = 0
+
+    def add(self, index: torch.Tensor, pool: torch.Tensor, logits: torch.Tensor) -> None:
+        self.moments.add(pool)
+        self.n += pool.shape[0]
+        if self.keep_pool or self.keep_logits:
+            self.index.append(index.reshape(-1).to(torch.int64))
+        if self.keep_pool:
+            self.pool.append(pool)
+        if self.keep_logits:
+            self.logits.append(logits)
+
+    def add_images(self, features: InceptionFeatures, images: torch.Tensor, index: torch.Tensor,
+                   layout: str = "nchw") -> None:
+        """In-memory uint8 images (e.g. straight from a sampler) with their global indices."""
+        self.add(index, *features(images, layout))
+
+    def finish(self) -> dict:
+        """All ranks: mu/sigma (float64) and n; rank 0 also `pool`/`logits` in global index order."""
+        self.moments.all_reduce()
+        counts = torch.tensor([float(self.n), float(self.bad)], dtype=torch.float64)
+        dist.all_reduce_sum(counts)
+        out = {"n": int(counts[0].item()), "bad": int(counts[1].item())}
+        mu, sigma = self.moments.mean_cov()
+        out.update(mu=mu.numpy(), sigma=sigma.numpy())
+        index = torch.cat(self.index) if self.index else torch.zeros(0, dtype=torch.int64)
+        for name, keep, dim in (("pool", self.keep_pool, FEATURE_DIM), ("logits", self.keep_logits, 1008)):
+            if keep:
+                rows = torch.cat(getattr(self, name)) if getattr(self, name) else torch.zeros(0, dim)
+                gathered = dist.gather_rows(index, rows)
+                if gathered is not None:
+                    out[name] = gathered[1]
+        return out
+
+
+def extract(source, features: InceptionFeatures, stats: FeatureStats, workers: int = 2, skip_bad: bool = False,
+            label: str = "features") -> dict:
+    """Run this rank's share of `source` (i % world == rank) through `features` into `stats`.
+    Returns timings in seconds: decode (waiting for decoded batches), preprocess, network, total."""
+    share = RankShare(source, range(dist.rank(), len(source), dist.world()))
+    loader = DataLoader(share, batch_size=features.batch_size, num_workers=workers, collate_fn=collate,
+                        worker_init_fn=_one_thread if workers else None, persistent_workers=False)
+    before = dict(features.seconds)
+    decode = 0.0
+    start = time.perf_counter()
+    with progress(label, len(share)) as bar:
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                groups, bad = next(it)
+            except StopIteration:
+                break
+            decode += time.perf_counter() - t0
+            for i, err in bad:
+                if not skip_bad:
+                    raise NeonError(f"{source.name(i)}: unreadable image ({err}); --skip-bad skips and counts such images")
+                stats.bad += 1
+            done = len(bad)
+            for index, images in groups:
+                stats.add_images(features, images, index, layout="nhwc")
+                done += len(index)
+            rate = stats.n / max(time.perf_counter() - start, 1e-9) * dist.world()
+            bar.update(advance=done, info=f"{rate:.1f} img/s")
+    total = time.perf_counter() - start
+    return {"decode": decode, "total": total,
+            **{k: features.seconds[k] - before[k] for k in features.seconds}}
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)
