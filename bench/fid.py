@@ -13,6 +13,7 @@ the CPU op. Random calibrated weights unless --weights is given (speed does not 
 """
 import argparse
 import os
+import pathlib
 import platform
 import tempfile
 import time
@@ -54,7 +55,7 @@ def run_neon(folder: str, weights: str, batch_size: int, workers: int, variant: 
         if variant == "plain network":
             extractor.model = load_inception(weights, extractor.device, fold=False)
         t0 = time.perf_counter()
-        timing = feats.extract(FolderSource(__import__("pathlib").Path(folder)), extractor,
+        timing = feats.extract(FolderSource(pathlib.Path(folder)), extractor,
                                feats.FeatureStats(keep_logits=True), workers=workers, label="neon")
         return time.perf_counter() - t0, timing
     finally:

@@ -56,11 +56,12 @@ def _metrics(args) -> list[str]:
 
 def _open(path: str, role: str, wanted: list[str]):
     """-> ("stats", (mu, sigma)) or ("images", source), checked before any work starts."""
-    from .fid import is_stats_file, read_stats
-    from .inputs import has_images, open_source
+    from .fid import read_stats
+    from .inputs import npz_keys, open_source
 
     needs_images = [m for m in wanted if m in ("kid", "prc") or (m == "isc" and role == "input1")]
-    if is_stats_file(path) and not (needs_images and has_images(path)):
+    keys = npz_keys(path) if path.endswith(".npz") and os.path.isfile(path) else None
+    if keys is not None and {"mu", "sigma"} <= keys and not (needs_images and "arr_0" in keys):
         if needs_images:
             raise NeonError(f"{path}: is a statistics file; {','.join(needs_images)} need images")
         return "stats", read_stats(path)
@@ -83,13 +84,16 @@ def run_cli(args: argparse.Namespace) -> None:
     if "kid" in wanted and args.kid_subset_size < 2:
         raise NeonError(f"--kid-subset-size must be >= 2, got {args.kid_subset_size}")
     paths = {"input1": args.input, "input2": args.input2 or args.ref}
-    if all(kind == "stats" for kind, _ in inputs.values()):
-        check_same_dim((paths["input1"], inputs["input1"][1][0]), (paths["input2"], inputs["input2"][1][0]))
 
     import torch  # the heavy imports (torch-fidelity pulls torchvision) after the cheap checks
 
     from .features import FeatureStats, InceptionFeatures, extract
+    from .inception import FEATURE_DIM
     from .scores import inception_score, kernel_inception_distance, precision_recall
+
+    if "input2" in inputs:  # before any image is decoded
+        dims = {role: value[0].shape[0] if kind == "stats" else FEATURE_DIM for role, (kind, value) in inputs.items()}
+        check_same_dim((paths["input1"], dims["input1"]), (paths["input2"], dims["input2"]))
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init()
@@ -115,8 +119,6 @@ def run_cli(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - start
 
     s1, s2 = stats["input1"], stats.get("input2")
-    if s2 is not None:
-        check_same_dim((paths["input1"], s1["mu"]), (paths["input2"], s2["mu"]))
     if "fid" in wanted:
         results["fid"] = frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"])
     if dist.is_main():

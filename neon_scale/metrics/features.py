@@ -16,7 +16,7 @@ from .. import dist
 from ..console import progress
 from ..errors import NeonError
 from .fid import Moments
-from .inception import FEATURE_DIM, load_inception, no_tf32
+from .inception import FEATURE_DIM, LOGITS_DIM, load_inception, no_tf32
 from .inputs import RankShare, collate
 from .preprocess import preprocess
 
@@ -94,7 +94,7 @@ class FeatureStats:
         mu, sigma = self.moments.mean_cov()
         out.update(mu=mu.numpy(), sigma=sigma.numpy())
         index = torch.cat(self.index) if self.index else torch.zeros(0, dtype=torch.int64)
-        for name, keep, dim in (("pool", self.keep_pool, FEATURE_DIM), ("logits", self.keep_logits, 1008)):
+        for name, keep, dim in (("pool", self.keep_pool, FEATURE_DIM), ("logits", self.keep_logits, LOGITS_DIM)):
             if keep:
                 rows = torch.cat(getattr(self, name)) if getattr(self, name) else torch.zeros(0, dim)
                 gathered = dist.gather_rows(index, rows)

@@ -9,7 +9,6 @@ comparable with published ones.
 from __future__ import annotations
 
 import pathlib
-import zipfile
 
 import numpy as np
 import torch
@@ -57,19 +56,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
 
 
-def is_stats_file(path: str | pathlib.Path) -> bool:
-    """An `.npz` holding `mu` and `sigma` (ADM reference batches may also hold images: stats win)."""
-    path = pathlib.Path(path)
-    if path.suffix != ".npz" or not path.is_file():
-        return False
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = {n.removesuffix(".npy") for n in z.namelist()}
-    except zipfile.BadZipFile:
-        return False
-    return {"mu", "sigma"} <= names
-
-
 def read_stats(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     path = pathlib.Path(path)
     if not path.is_file():
@@ -99,7 +85,8 @@ def write_stats(path: str | pathlib.Path, mu, sigma, n: int) -> None:
             np.savez(f, mu=mu, sigma=sigma, n=np.int64(n))
 
 
-def check_same_dim(a: tuple[str, np.ndarray], b: tuple[str, np.ndarray]) -> None:
-    (name_a, mu_a), (name_b, mu_b) = a, b
-    if mu_a.shape != mu_b.shape:
-        raise NeonError(f"feature dimensions differ: {name_a} has {mu_a.shape[0]}, {name_b} has {mu_b.shape[0]}")
+def check_same_dim(a: tuple[str, int], b: tuple[str, int]) -> None:
+    """(name, feature dimension) of two inputs: one line when they differ."""
+    (name_a, dim_a), (name_b, dim_b) = a, b
+    if dim_a != dim_b:
+        raise NeonError(f"feature dimensions differ: {name_a} has {dim_a}, {name_b} has {dim_b}")

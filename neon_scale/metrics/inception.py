@@ -91,11 +91,10 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
                         f"({URL_INCEPTION_V3}) and pass its local path with --weights")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return io.load_state_dict(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except NeonError:
+        raise
     except Exception as e:  # noqa: BLE001 (any unreadable file is the same user error)
         raise NeonError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

@@ -73,18 +73,15 @@ class NpzSource:
 
     def __init__(self, path: pathlib.Path):
         self.path = path
+        names = npz_keys(path)
+        if names is not None and "arr_0" not in names:
+            raise NeonError(f"{path}: no 'arr_0' images in this .npz (keys: {sorted(names)}); "
+                            f"pass statistics with 'mu'/'sigma' as --ref")
         try:
-            with zipfile.ZipFile(path) as z:
-                names = [n.removesuffix(".npy") for n in z.namelist()]
-            if "arr_0" not in names:
-                raise NeonError(f"{path}: no 'arr_0' images in this .npz (keys: {names}); "
-                                f"pass statistics with 'mu'/'sigma' as --ref")
             arr = _npz_member_memmap(path, "arr_0")
             if arr is None:  # compressed: read once
                 with np.load(path, allow_pickle=False) as f:
                     arr = f["arr_0"]
-        except NeonError:
-            raise
         except Exception as e:  # noqa: BLE001
             raise NeonError(f"{path}: not a readable .npz ({type(e).__name__}: {e})")
         if arr.ndim != 4 or arr.shape[3] != 3 or arr.dtype != np.uint8:
@@ -140,13 +137,14 @@ class ShardSource:
         return decode_image(data)
 
 
-def has_images(path: pathlib.Path | str) -> bool:
-    """An .npz that holds `arr_0` (ADM reference batches hold images and statistics)."""
+def npz_keys(path: pathlib.Path | str) -> set[str] | None:
+    """The array names in an .npz (None: not a readable zip). ADM reference batches hold both
+    images (`arr_0`) and statistics (`mu`, `sigma`)."""
     try:
         with zipfile.ZipFile(path) as z:
-            return "arr_0.npy" in z.namelist()
+            return {n.removesuffix(".npy") for n in z.namelist()}
     except (zipfile.BadZipFile, OSError):
-        return False
+        return None
 
 
 def open_source(path: str | os.PathLike):
