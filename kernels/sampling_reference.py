@@ -5,12 +5,14 @@ official code's operations in the official order, so that the Triton kernels in
 `kernels/cfg_step.py` can be compared against them and the samplers equal the official ones.
 
 Guidance layout (as the official samplers): when `scale` is not None the model was run on the
-batch [cond rows; uncond rows] and its output has 2B rows; `scale` is applied as
-uncond + scale (cond - uncond).
+batch [cond rows; uncond rows] at the same x and its output has 2B rows; `scale` is applied as
+uncond + scale (cond - uncond). In every step x has B rows and the result has B rows.
 
-- `ddpm_step`: DiT's p_sample with learned variance (clip_denoised=False). `x` has the same rows
-  as the model output (DiT samples both halves: each keeps its own state); the first
-  `guided_channels` eps channels get the guided value in both halves, the others keep their own.
+- `ddpm_step`: DiT's p_sample with learned variance (clip_denoised=False). `x` has B rows: DiT's
+  forward_with_cfg evaluates both halves at the cond half's x ([x; x]), so the official uncond
+  half never influences the cond half and only the cond half is kept. The guided eps is the cond
+  eps with its first `guided_channels` channels replaced by uncond + s (cond - uncond); the other
+  eps channels and the variance values are the cond half's.
 - `ddim_step`: DiT's ddim_sample (the eps is recomputed from the x0 prediction, as official).
 - `em_step`: xAR's Euler-Maruyama step on the linear path (alpha = 1 - t, sigma = t); `x` has B
   rows (both halves of the model input are the same x); the drift is guided, not the velocity.
@@ -29,25 +31,26 @@ def _guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
     return uncond + scale * (cond - uncond)
 
 
-def guided_eps(eps: torch.Tensor, scale: float | None, guided_channels: int) -> torch.Tensor:
-    """eps [N, C, ...]; with a scale, channels < guided_channels of both halves get the guided
-    value (DiT's forward_with_cfg)."""
+def guided_out(out: torch.Tensor, scale: float | None, guided_channels: int) -> torch.Tensor:
+    """out [N, K, ...]; with a scale, N = 2B ([cond; uncond]) and the result is the cond half
+    [B, K, ...] whose channels < guided_channels hold uncond + s (cond - uncond) (DiT's
+    forward_with_cfg, cond half)."""
     if scale is None:
-        return eps
-    cond, uncond = eps[:, :guided_channels].chunk(2)
-    half = _guide(cond, uncond, scale)
-    return torch.cat([torch.cat([half, half]), eps[:, guided_channels:]], dim=1)
+        return out
+    cond, uncond = out.chunk(2)
+    guided = _guide(cond[:, :guided_channels], uncond[:, :guided_channels], scale)
+    return torch.cat([guided, cond[:, guided_channels:]], dim=1)
 
 
 def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor | None, *, scale: float | None,
               guided_channels: int, sqrt_recip_ac: float, sqrt_recipm1_ac: float, mean_coef1: float,
               mean_coef2: float, log_var_min: float, log_var_max: float) -> torch.Tensor:
-    """x [N, C, ...], model_out [N, 2C, ...] (eps, variance values in [-1, 1]), noise like x or
-    None (the last step). Coefficients are the (respaced) schedule's values at this step."""
+    """x [B, C, ...], model_out [B or 2B, 2C, ...] (eps, variance values in [-1, 1]), noise like x
+    or None (the last step). Coefficients are the (respaced) schedule's values at this step."""
     c = x.shape[1]
     xf = x.float()
-    out = model_out.float()
-    eps = guided_eps(out[:, :c], scale, guided_channels)
+    out = guided_out(model_out.float(), scale, guided_channels)
+    eps = out[:, :c]
     frac = (out[:, c:] + 1) / 2
     log_var = frac * log_var_max + (1 - frac) * log_var_min
     x0 = sqrt_recip_ac * xf - sqrt_recipm1_ac * eps
@@ -60,11 +63,11 @@ def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor | No
 def ddim_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor | None, *, scale: float | None,
               guided_channels: int, sqrt_recip_ac: float, sqrt_recipm1_ac: float, sqrt_ac_prev: float,
               dir_coef: float, sigma: float) -> torch.Tensor:
-    """x [N, C, ...], model_out [N, C or 2C, ...] (only eps is used); dir_coef = sqrt(1 - ac_prev
-    - sigma^2); noise None or sigma 0: deterministic."""
+    """x [B, C, ...], model_out [B or 2B, C or 2C, ...] (only eps is used); dir_coef = sqrt(1 -
+    ac_prev - sigma^2); noise None or sigma 0: deterministic."""
     c = x.shape[1]
     xf = x.float()
-    eps = guided_eps(model_out[:, :c].float(), scale, guided_channels)
+    eps = guided_out(model_out[:, :c].float(), scale, guided_channels)
     x0 = sqrt_recip_ac * xf - sqrt_recipm1_ac * eps
     eps = (sqrt_recip_ac * xf - x0) / sqrt_recipm1_ac
     mean = x0 * sqrt_ac_prev + dir_coef * eps

@@ -44,6 +44,10 @@ class BaseConfig:
     lr: float = _f(1e-4, min=0.0)
     batch_size: int = _f(0, min=0, help="0 = full batch")
     seed: int = _f(0)
+    weights_key: Optional[str] = _f(None, help="entry of a training checkpoint holding the weights; None: 'ema' "
+                                               "if present, else 'model_ema', 'model', 'state_dict', 'module'")
+    random_init: bool = _f(False, help="no weights: the model's own random initialisation (seed base.seed); "
+                                       "smoke tests and tiny configs")
 
 
 @dataclass
@@ -53,6 +57,7 @@ class SynthConfig:
     shard_size: int = _f(1000, min=1, help="samples per webdataset shard")
     batch_size: int = _f(100000, min=1, help="samples drawn per sampler call")
     seed: int = _f(1)
+    save_images: bool = _f(False, help="image models: also write the decoded images (.png) beside the latents")
 
 
 @dataclass
@@ -262,7 +267,7 @@ def validate(cfg: Config, where: str) -> None:
     from .models.registry import get_spec
 
     spec = get_spec(cfg.model.name, where)
-    spec.parse_args(cfg.model.args, where, "model.args")
+    spec.validate(spec.parse_args(cfg.model.args, where, "model.args"), where)
     if not cfg.synth.samplers:
         raise NeonError(f"{where}: 'synth.samplers' is empty: give at least one sampler setting")
     for i, s in enumerate(cfg.synth.samplers):
@@ -297,5 +302,11 @@ def validate(cfg: Config, where: str) -> None:
         from .train.engine import load_user_json
 
         load_user_json(cfg.train.deepspeed_json)
-    if cfg.base.weights is None and not spec.has_real_data:
-        raise NeonError(f"{where}: 'base.weights' is required for model {cfg.model.name!r} (it has no built-in data)")
+    if cfg.base.weights is not None:
+        if cfg.base.random_init:
+            raise NeonError(f"{where}: 'base.random_init' is true but 'base.weights' = {cfg.base.weights!r} is set too")
+        if not os.path.isfile(cfg.base.weights):
+            raise NeonError(f"{where}: 'base.weights' = {cfg.base.weights!r}: file not found")
+    elif not spec.has_real_data and not cfg.base.random_init:
+        raise NeonError(f"{where}: 'base.weights' is required for model {cfg.model.name!r} (it has no built-in data; "
+                        f"base.random_init: true gives random weights, for smoke tests)")

@@ -71,10 +71,54 @@ def save_state_dict(path: str | os.PathLike, state: dict[str, torch.Tensor], met
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+# Where official training checkpoints keep their weights, in the order a weights_key of None
+# tries them: DiT's train.py saves {"model", "ema", "opt", "args"} (the EMA is what is sampled).
+CONTAINER_KEYS = ("ema", "model_ema", "model", "state_dict", "module")
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in obj.items())
+
+
+def load_torch_checkpoint(path: pathlib.Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """A PyTorch checkpoint (.pt/.pth/.ckpt) read with weights_only=True (argparse.Namespace, which
+    official training files store under "args", is allowed). A bare state dict is returned as is;
+    a training checkpoint gives its `key` entry, or with key None the first of CONTAINER_KEYS."""
+    import argparse
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (pickle/zip errors of many kinds: one line)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NeonError(f"{path}: cannot read PyTorch checkpoint with weights_only=True ({first})") from None
+    if key is None and _is_state_dict(obj):
+        return obj
+    if not isinstance(obj, dict):
+        raise NeonError(f"{path}: expected a state dict or a dict of them, got {type(obj).__name__}")
+    if key is not None:
+        if key not in obj:
+            raise NeonError(f"{path}: no key {key!r} in the checkpoint (it has {sorted(map(str, obj))})")
+        chosen = key
+    else:
+        found = [k for k in CONTAINER_KEYS if k in obj]
+        if not found:
+            raise NeonError(f"{path}: no state dict in the checkpoint: none of {list(CONTAINER_KEYS)} among its "
+                            f"keys {sorted(map(str, obj))[:8]}")
+        chosen = found[0]
+    if not _is_state_dict(obj[chosen]):
+        raise NeonError(f"{path}: entry {chosen!r} is not a state dict of tensors")
+    return obj[chosen]
+
+
+def load_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Weights from safetensors, or from a PyTorch checkpoint (see load_torch_checkpoint)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise NeonError(f"{path}: weights file not found")
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        return load_torch_checkpoint(path, key)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

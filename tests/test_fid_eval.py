@@ -35,10 +35,10 @@ class _TinyImageSpec(ModelSpec):
     name = "tiny-images-test"
     makes_images = True
 
-    def sample(self, model, n, gen, sampler):
+    def sample(self, model, n, gen, sampler, start=0):
         return {"image": model(torch.rand(n, 3, 6, 6, generator=gen))}
 
-    def images(self, samples):
+    def images(self, samples, args):
         return samples["image"]
 
 

@@ -20,8 +20,8 @@ from .fid import Moments, frechet_distance
 class SampleMetric:
     """Features of samples and the reference they are compared with; built once per sweep."""
 
-    def __init__(self, spec: ModelSpec, eval_cfg=None):
-        self.spec = spec
+    def __init__(self, spec: ModelSpec, eval_cfg=None, model_args=None):
+        self.spec, self.model_args = spec, model_args
         if spec.makes_images:
             from .features import InceptionFeatures
             from .fid import read_stats
@@ -35,7 +35,7 @@ class SampleMetric:
     def features(self, samples: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.inception is None:
             return self.spec.features(samples)
-        pool, _logits = self.inception(self.spec.images(samples))
+        pool, _logits = self.inception(self.spec.images(samples, self.model_args))
         return pool
 
 
@@ -45,7 +45,7 @@ def evaluate(metric: SampleMetric, model: torch.nn.Module, sampler, n: int, seed
     n_chunks = math.ceil(n / chunk)
     for i in range(dist.rank(), n_chunks, dist.world()):
         count = min(chunk, n - i * chunk)
-        samples = metric.spec.sample(model, count, rng.generator(seed, "eval", i), sampler)
+        samples = metric.spec.sample(model, count, rng.generator(seed, "eval", i), sampler, start=i * chunk)
         moments.add(metric.features(samples))
     mu, sigma = moments.all_reduce().mean_cov()
     return frechet_distance(mu, sigma, metric.mu_ref, metric.sigma_ref)

@@ -66,6 +66,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, input_size: int, patch: int, in_channels: int, dim: int):
         super().__init__()
         self.patch_size = patch
+        self.input_size = input_size
         self.num_patches = (input_size // patch) ** 2
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch, bias=True)
 

@@ -32,6 +32,9 @@ class ModelSpec:
 
         return from_dict(self.Sampler, raw or {}, where, prefix=key)
 
+    def validate(self, args, where: str) -> None:
+        """Cross-checks of parsed model args and the files they name (one line, at config time)."""
+
     # -- the model
     def build(self, args) -> torch.nn.Module:
         raise NotImplementedError
@@ -48,8 +51,10 @@ class ModelSpec:
         raise NeonError(f"model {self.name!r} has no activation-checkpointing hook (train.activation_checkpointing)")
 
     @torch.no_grad()
-    def sample(self, model: torch.nn.Module, n: int, gen: torch.Generator, sampler) -> dict[str, torch.Tensor]:
-        """Draw n samples; returns named tensors with a leading batch dimension."""
+    def sample(self, model: torch.nn.Module, n: int, gen: torch.Generator, sampler,
+               start: int = 0) -> dict[str, torch.Tensor]:
+        """Draw n samples; returns named tensors with a leading batch dimension. `start` is the
+        index of the first sample in its set (class-conditional models derive labels from it)."""
         raise NotImplementedError
 
     # -- data and metric
@@ -60,7 +65,7 @@ class ModelSpec:
         """Metric features of samples, float64 [n, d] (models that are not image models)."""
         raise NotImplementedError
 
-    def images(self, samples: dict[str, torch.Tensor]) -> torch.Tensor:
+    def images(self, samples: dict[str, torch.Tensor], args) -> torch.Tensor:
         """Image models: samples as uint8 [n, 3, H, W]; their metric is FID with Inception features
         (eval.inception_weights) against eval.ref_stats."""
         raise NotImplementedError
@@ -83,7 +88,7 @@ def register(spec_cls: type[ModelSpec]) -> type[ModelSpec]:
 
 
 def _load_builtin() -> None:
-    from . import toy  # noqa: F401  (registers the toy models)
+    from . import dit_spec, toy  # noqa: F401  (registers the models)
 
 
 def get_spec(name: str, where: str = "<config>") -> ModelSpec:

@@ -109,7 +109,7 @@ class ToyDiffusion(_ToyGaussianData, ModelSpec):
         return F.mse_loss(pred, eps)
 
     @torch.no_grad()
-    def sample(self, model, n, gen, sampler: ToyDiffusionSampler):
+    def sample(self, model, n, gen, sampler: ToyDiffusionSampler, start: int = 0):
         """Ancestral DDIM over `steps`; the x0 prediction uses the score scaled by zeta, the
         direction term the unscaled eps."""
         steps, zeta, eta = sampler.steps, sampler.zeta, sampler.eta
@@ -177,7 +177,7 @@ class ToyAR(_ToyGaussianData, ModelSpec):
         return _gaussian_nll(x1, model.mean1.float(), model.log_std1.float()) + _gaussian_nll(x2, m2, ls2)
 
     @torch.no_grad()
-    def sample(self, model, n, gen, sampler: ToyARSampler):
+    def sample(self, model, n, gen, sampler: ToyARSampler, start: int = 0):
         tau = sampler.temperature
         x1 = model.mean1 + tau * model.log_std1.exp() * torch.randn(n, 1, generator=gen)
         m2, ls2 = model.conditional(x1)

@@ -45,8 +45,11 @@ def run(ctx: RunContext) -> None:
     stage.prepare()
     if dist.is_main():
         if ctx.cfg.base.weights:
-            state = load_state_dict(ctx.cfg.base.weights)
-            load_into(ctx.spec.build(ctx.spec.parse_args(ctx.cfg.model.args)), state, ctx.cfg.base.weights)
+            state = load_state_dict(ctx.cfg.base.weights, ctx.cfg.base.weights_key)
+            load_into(ctx.spec.build(ctx.model_args()), state, ctx.cfg.base.weights)
+        elif ctx.cfg.base.random_init:
+            torch.manual_seed(rng.seed_of(ctx.cfg.base.seed, "init"))
+            state = ctx.spec.build(ctx.model_args()).state_dict()
         else:
             state = train_from_scratch(ctx)
         save_state_dict(ctx.base_weights(), state, {"model": ctx.cfg.model.name})

@@ -51,7 +51,7 @@ class RunContext:
 
     def fingerprint(self, stage: str) -> str:
         c = self.cfg
-        base = _hash(_section(c.model), _section(c.base) if c.base.weights is None else {"weights": c.base.weights})
+        base = _hash(_section(c.model), _section(c.base) if c.base.weights is None else {"weights": c.base.weights, "key": c.base.weights_key})
         if stage == "base":
             return base
         synth = _hash(base, _section(c.synth))
@@ -66,11 +66,15 @@ class RunContext:
             return _hash(train, _section(c.eval), _section(c.sweep))
         raise KeyError(stage)
 
+    def model_args(self):
+        return self.spec.parse_args(self.cfg.model.args)
+
     def load_model(self, weights: pathlib.Path) -> torch.nn.Module:
-        """The configured model with `weights` loaded strictly, in eval mode."""
-        model = self.spec.build(self.spec.parse_args(self.cfg.model.args))
+        """The configured model with `weights` loaded strictly, in eval mode, on this rank's
+        device (its GPU when there is one)."""
+        model = self.spec.build(self.model_args())
         load_into(model, load_state_dict(weights), str(weights))
-        return model.eval()
+        return model.to(dist.device()).eval()
 
     def base_weights(self) -> pathlib.Path:
         return self.run_dir / "base" / "model.safetensors"

@@ -107,7 +107,7 @@ def run(ctx: RunContext) -> None:
     base_state = load_state_dict(ctx.base_weights())
     model = ctx.load_model(ctx.base_weights())
     sw, ev = cfg.sweep, cfg.eval
-    sample_metric = SampleMetric(ctx.spec, ev)
+    sample_metric = SampleMetric(ctx.spec, ev, ctx.model_args())
     summary = []
     checkpoints = ctx.checkpoints()
     with progress("sweep", len(checkpoints)) as bar:

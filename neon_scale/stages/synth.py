@@ -18,10 +18,16 @@ from ..io import write_json
 from .common import RunContext, StageDir, sampler_tag
 
 
-def sample_chunked(ctx: RunContext, model, count: int, gen: torch.Generator, sampler, batch_size: int) -> dict[str, torch.Tensor]:
+def sample_chunked(ctx: RunContext, model, count: int, gen: torch.Generator, sampler, batch_size: int,
+                   first: int) -> dict[str, torch.Tensor]:
+    """`count` samples (set indices first, first + 1, ...) in calls of at most batch_size; image
+    models with synth.save_images also get their decoded images."""
     parts = []
     for start in range(0, count, batch_size):
-        parts.append(ctx.spec.sample(model, min(batch_size, count - start), gen, sampler))
+        part = ctx.spec.sample(model, min(batch_size, count - start), gen, sampler, start=first + start)
+        if ctx.cfg.synth.save_images and ctx.spec.makes_images:
+            part["image"] = ctx.spec.images(part, ctx.model_args())
+        parts.append(part)
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -48,7 +54,7 @@ def run(ctx: RunContext) -> None:
                 path = set_dir / shard_name(c)
                 if not path.exists():
                     gen = rng.generator(cfg.seed, tag, c)
-                    samples = sample_chunked(ctx, model, count, gen, sampler, cfg.batch_size)
+                    samples = sample_chunked(ctx, model, count, gen, sampler, cfg.batch_size, c * cfg.shard_size)
                     write_shard(path, samples, record_settings, key_prefix=f"{c:06d}")
                 bar.update()
         dist.barrier()

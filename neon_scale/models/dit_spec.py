@@ -1,0 +1,92 @@
+"""DiT in the registry: the official network (models/dit.py) in the SD KL-f8 VAE's latent space,
+trained with the diffusion loss and sampled with DDPM (learned variance) or DDIM + CFG
+(sampling/diffusion.py).
+
+Official weights load as they are: the released bare state dicts (DiT-XL-2-256x256.pt) and the
+training checkpoints {"model", "ema", "opt", "args"} (the EMA unless base.weights_key says
+otherwise). Latents are the VAE's x 0.18215; input_size = image_size / 8.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import _f
+from ..sampling import diffusion
+from .dit import DIT_SIZES, DiT, dit_config
+from .latent import LatentImageSpec, balanced_labels
+from .registry import register
+
+DIT_ARCHS = [f"{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8)]
+VAE_STRIDE = 8
+
+
+@dataclass
+class DiTArgs:
+    arch: str = _f("XL/2", choices=DIT_ARCHS, help="official variant; depth/hidden_size/num_heads override it")
+    image_size: int = _f(256, min=8, help="pixels; the latent grid is image_size / 8")
+    num_classes: int = _f(1000, min=1, help="class labels 0..num_classes-1; num_classes is the null class")
+    learn_sigma: bool = _f(True, help="8 output channels: eps and the variance (official)")
+    class_dropout_prob: float = _f(0.1, min=0.0, max=1.0, help="the official constructor's argument (sizes the "
+                                                                "null row); dropout in training is train.label_dropout")
+    depth: int = _f(0, min=0, help="0 = the arch's")
+    hidden_size: int = _f(0, min=0, help="0 = the arch's")
+    num_heads: int = _f(0, min=0, help="0 = the arch's")
+    vae: str = _f("", help="local SD VAE (diffusers folder of sd-vae-ft-ema/-mse), or 'random' (tests)")
+    vae_seed: int = _f(0, help="seed of the random VAE")
+
+
+@dataclass
+class DiTSampler:
+    method: str = _f("ddpm", choices=["ddpm", "ddim"], help="ddpm: learned-variance ancestral (official); ddim")
+    steps: int = _f(250, min=1, help="respaced steps out of the 1000 trained ones")
+    cfg: float = _f(1.5, min=0.0, help="classifier-free guidance scale; <= 1: no guidance")
+    guided_channels: int = _f(3, min=1, help="eps channels guided (official: 3; 4 = all)")
+    eta: float = _f(0.0, min=0.0, max=1.0, help="DDIM noise")
+
+
+@register
+class DiTSpec(LatentImageSpec):
+    name = "dit"
+    Args = DiTArgs
+    Sampler = DiTSampler
+    vae_kind = "sd"
+
+    def constructor_args(self, args: DiTArgs) -> dict:
+        kw = dit_config(args.arch)
+        for key in ("depth", "hidden_size", "num_heads"):
+            if getattr(args, key):
+                kw[key] = getattr(args, key)
+        return dict(kw, input_size=args.image_size // VAE_STRIDE, in_channels=4, num_classes=args.num_classes,
+                    learn_sigma=args.learn_sigma, class_dropout_prob=args.class_dropout_prob)
+
+    def validate(self, args: DiTArgs, where: str) -> None:
+        from ..errors import NeonError
+
+        kw = self.constructor_args(args)
+        if args.image_size % (VAE_STRIDE * kw["patch_size"]):
+            raise NeonError(f"{where}: 'model.args.image_size' = {args.image_size} is not a multiple of "
+                            f"{VAE_STRIDE * kw['patch_size']} (VAE stride 8 x patch {kw['patch_size']})")
+        if kw["hidden_size"] % kw["num_heads"]:
+            raise NeonError(f"{where}: 'model.args.hidden_size' = {kw['hidden_size']} is not divisible by "
+                            f"num_heads = {kw['num_heads']}")
+        super().validate(args, where)
+
+    def build(self, args: DiTArgs) -> DiT:
+        return DiT(**self.constructor_args(args))
+
+    def loss(self, model: DiT, batch, gen):
+        x0, labels = self.batch(model, batch, model.num_classes)
+        return diffusion.training_loss(model, x0, labels, gen, learn_sigma=model.out_channels != model.in_channels)
+
+    @torch.no_grad()
+    def sample(self, model: DiT, n, gen, sampler: DiTSampler, start: int = 0):
+        dev = self.device_of(model)
+        grid = model.x_embedder.input_size
+        noise = torch.randn(n, model.in_channels, grid, grid, generator=gen, device=gen.device).to(dev)
+        labels = balanced_labels(start, n, model.num_classes, dev)
+        x = diffusion.sample(model, noise, labels, gen, method=sampler.method, steps=sampler.steps, cfg=sampler.cfg,
+                             null_class=model.num_classes, guided_channels=min(sampler.guided_channels,
+                                                                               model.in_channels), eta=sampler.eta)
+        return {"x": x, "cls": labels}
