@@ -71,45 +71,51 @@ def save_state_dict(path: str | os.PathLike, state: dict[str, torch.Tensor], met
         save_file(tensors, str(tmp), metadata=meta)
 
 
-# Where official training checkpoints keep their weights, in the order a weights_key of None
-# tries them: DiT's train.py saves {"model", "ema", "opt", "args"} (the EMA is what is sampled).
+# Sub-dicts of training checkpoints that may hold the weights. DiT's train.py saves
+# {"model", "ema", "opt", "args"}; when several are present the EMA is taken (what is sampled).
 CONTAINER_KEYS = ("ema", "model_ema", "model", "state_dict", "module")
+PREFERRED_KEY = "ema"
 
 
 def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                      for k, v in obj.items())
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def load_torch_checkpoint(path: pathlib.Path, key: str | None = None) -> dict[str, torch.Tensor]:
-    """A PyTorch checkpoint (.pt/.pth/.ckpt) read with weights_only=True (argparse.Namespace, which
-    official training files store under "args", is allowed). A bare state dict is returned as is;
-    a training checkpoint gives its `key` entry, or with key None the first of CONTAINER_KEYS."""
+def pick_state_dict(obj, key: str | None, path) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint: `obj` itself, its `key` entry, the only one of
+    CONTAINER_KEYS that holds tensors, or "ema" when it is among several; otherwise one line."""
+    if key is not None:
+        if not isinstance(obj, dict) or key not in obj:
+            found = sorted(k for k, v in obj.items() if isinstance(v, dict)) if isinstance(obj, dict) else []
+            raise NeonError(f"{path}: no sub-dict key {key!r}; candidates: {found}")
+        if not _is_state_dict(obj[key]):
+            raise NeonError(f"{path}: key {key!r} is not a dict of tensors")
+        return obj[key]
+    if _is_state_dict(obj):
+        return obj
+    if isinstance(obj, dict):
+        candidates = [k for k in CONTAINER_KEYS if _is_state_dict(obj.get(k))]
+        if len(candidates) == 1 or PREFERRED_KEY in candidates:
+            return obj[candidates[0]]
+        if len(candidates) > 1:
+            raise NeonError(f"{path}: several state dicts {candidates}; pick one with a key")
+        others = sorted(k for k, v in obj.items() if _is_state_dict(v))
+        raise NeonError(f"{path}: no state dict found; candidates for a key: {others}")
+    raise NeonError(f"{path}: not a state dict (a {type(obj).__name__})")
+
+
+def load_torch_checkpoint(path: pathlib.Path, key: str | None = None, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of a PyTorch checkpoint (.pt/.pth/.ckpt/.bin) read with weights_only=True
+    (argparse.Namespace, which official training files keep under "args", is allowed)."""
     import argparse
 
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (pickle/zip errors of many kinds: one line)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NeonError(f"{path}: cannot read PyTorch checkpoint with weights_only=True ({first})") from None
-    if key is None and _is_state_dict(obj):
-        return obj
-    if not isinstance(obj, dict):
-        raise NeonError(f"{path}: expected a state dict or a dict of them, got {type(obj).__name__}")
-    if key is not None:
-        if key not in obj:
-            raise NeonError(f"{path}: no key {key!r} in the checkpoint (it has {sorted(map(str, obj))})")
-        chosen = key
-    else:
-        found = [k for k in CONTAINER_KEYS if k in obj]
-        if not found:
-            raise NeonError(f"{path}: no state dict in the checkpoint: none of {list(CONTAINER_KEYS)} among its "
-                            f"keys {sorted(map(str, obj))[:8]}")
-        chosen = found[0]
-    if not _is_state_dict(obj[chosen]):
-        raise NeonError(f"{path}: entry {chosen!r} is not a state dict of tensors")
-    return obj[chosen]
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001  (pickle / zip errors of every flavour: one line)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise NeonError(f"{path}: cannot read PyTorch file with weights_only=True ({type(e).__name__}: {first})") from None
+    return pick_state_dict(obj, key, path)
 
 
 def load_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:

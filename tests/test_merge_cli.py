@@ -1,5 +1,6 @@
 """`neon merge` through the real command: every input format, every policy branch, every error
 (one line, exit != 0, no output left behind)."""
+import argparse
 import json
 import os
 
@@ -91,19 +92,21 @@ def test_sharded_output_with_index_and_dtype(files):
 
 def test_torch_files_with_key_selection(files):
     d, base, synth = files
-    torch.save({"model": synth, "ema": synth, "args": {"lr": 1.0}}, d / "two.pt")
+    torch.save({"model": base, "ema": synth, "args": argparse.Namespace(lr=1.0)}, d / "two.pt")  # DiT's train.py
+    torch.save({"model": base, "state_dict": synth}, d / "amb.pt")
     torch.save({"ema": synth, "opt": {"step": 3}}, d / "one.pt")
     torch.save(synth, d / "bare.pth")
     ref = extrapolate_state(base, synth, 2.0)
-    for name, extra in (("one.pt", []), ("bare.pth", []), ("two.pt", ["--key", "ema"])):
-        out = d / f"out-{name}"
+    for name, extra in (("one.pt", []), ("bare.pth", []), ("two.pt", []), ("two.pt", ["--key", "ema"]),
+                        ("amb.pt", ["--key", "state_dict"])):
+        out = d / f"out-{name}-{len(extra)}"
         proc = neon("merge", str(d / "base.safetensors"), str(d / name), "--w", "2", "-o", str(out), *extra)
         assert proc.returncode == 0, proc.stderr
         _assert_equal_states(_read(out / "model.safetensors"), ref)
-    proc = neon("merge", str(d / "base.safetensors"), str(d / "two.pt"), "--w", "2", "-o", str(d / "amb"))
-    assert_one_line_error(proc, "two.pt", "several state dicts ['ema', 'model']", "--key")
+    proc = neon("merge", str(d / "base.safetensors"), str(d / "amb.pt"), "--w", "2", "-o", str(d / "amb"))
+    assert_one_line_error(proc, "amb.pt", "several state dicts ['model', 'state_dict']", "key")
     proc = neon("merge", str(d / "base.safetensors"), str(d / "two.pt"), "--w", "2", "-o", str(d / "bad"), "--key", "emaa")
-    assert_one_line_error(proc, "two.pt", "no sub-dict --key 'emaa'", "'ema'", "'model'")
+    assert_one_line_error(proc, "two.pt", "no sub-dict key 'emaa'", "'ema'", "'model'")
     assert not (d / "amb").exists() and not (d / "bad").exists()
 
 

@@ -26,9 +26,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..errors import NeonError
+from ..io import load_torch_checkpoint
 
 INDEX_NAME = "model.safetensors.index.json"
-TORCH_SUB_DICTS = ("ema", "model_ema", "model", "state_dict", "module")
 
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -181,11 +181,7 @@ class TorchSource(TensorSource):
 
     def __init__(self, path: pathlib.Path, key: str | None):
         self.name = str(path)
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # pickle / zip errors of every flavour
-            raise NeonError(f"{path}: cannot read PyTorch file with weights_only=True ({type(e).__name__}: {e})") from None
-        self._state = _pick_state_dict(obj, key, path)
+        self._state = load_torch_checkpoint(path, key, mmap=True)
 
     def keys(self) -> list[str]:
         return list(self._state)
@@ -196,32 +192,6 @@ class TorchSource(TensorSource):
 
     def get(self, key: str) -> torch.Tensor:
         return self._state[key]
-
-
-def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _pick_state_dict(obj, key: str | None, path) -> dict[str, torch.Tensor]:
-    if key is not None:
-        if not isinstance(obj, dict) or key not in obj:
-            found = sorted(k for k, v in obj.items() if isinstance(v, dict)) if isinstance(obj, dict) else []
-            raise NeonError(f"{path}: no sub-dict --key {key!r}; candidates: {found}")
-        obj = obj[key]
-        if not _is_state_dict(obj):
-            raise NeonError(f"{path}: --key {key!r} is not a dict of tensors")
-        return obj
-    if _is_state_dict(obj):
-        return obj
-    if isinstance(obj, dict):
-        candidates = [k for k in TORCH_SUB_DICTS if _is_state_dict(obj.get(k))]
-        if len(candidates) == 1:
-            return obj[candidates[0]]
-        if len(candidates) > 1:
-            raise NeonError(f"{path}: several state dicts {candidates}; pick one with --key")
-        others = sorted(k for k, v in obj.items() if _is_state_dict(v))
-        raise NeonError(f"{path}: no state dict found; candidates for --key: {others}")
-    raise NeonError(f"{path}: not a state dict (a {type(obj).__name__})")
 
 
 def open_source(path: str | os.PathLike, *, tag: str | None = None, key: str | None = None) -> TensorSource:
