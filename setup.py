@@ -66,6 +66,8 @@ setup(
         "matplotlib",
         "pillow",
     ],
+    # diffusers: only the Stable Diffusion VAE (DiT) needs it (neon_scale.models.vae.load_sd_vae).
+    extras_require={"sd-vae": ["diffusers"]},
     entry_points={"console_scripts": ["neon=neon_scale.cli:main"]},
     ext_modules=[fid_ops],
     cmdclass={"build_ext": cpp_extension.BuildExtension},

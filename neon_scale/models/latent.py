@@ -24,6 +24,8 @@ def balanced_labels(start: int, n: int, num_classes: int, device=None) -> torch.
 
 def check_labels(labels: torch.Tensor, num_classes: int, allow_null: bool, where: str) -> None:
     """One line naming the first label outside [0, num_classes) ([0, num_classes] with the null class)."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise NeonError(f"{where}: class labels must be integers, got {labels.dtype}")
     top = num_classes + 1 if allow_null else num_classes
     bad = (labels < 0) | (labels >= top)
     if bool(bad.any()):

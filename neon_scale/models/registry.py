@@ -88,7 +88,7 @@ def register(spec_cls: type[ModelSpec]) -> type[ModelSpec]:
 
 
 def _load_builtin() -> None:
-    from . import dit_spec, toy  # noqa: F401  (registers the models)
+    from . import dit_spec, toy, xar_spec  # noqa: F401  (registers the models)
 
 
 def get_spec(name: str, where: str = "<config>") -> ModelSpec:
