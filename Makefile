@@ -10,7 +10,7 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || 
 # The venv's bin first: its ninja must build extensions, not the system one.
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu
 
-.PHONY: install demo test clean-runs
+.PHONY: install demo test tiny-assets clean-runs
 
 install: $(STAMP)
 
@@ -20,11 +20,14 @@ $(STAMP): setup.py requirements.txt constraints.txt tools/fix_torchvision_cpu.py
 	$(PIP) -c constraints.txt -r requirements.txt $(QUIET)
 	$(PIP) -c constraints.txt --no-build-isolation --no-deps -e . $(QUIET)
 	$(PY) tools/fix_torchvision_cpu.py
-	$(RUN) $(PY) -c "import torch, deepspeed, triton, webdataset, safetensors, rich, torch_fidelity, neon_scale.kernels, neon_scale._fid_ops"
+	$(RUN) $(PY) -c "import torch, deepspeed, triton, webdataset, safetensors, rich, torch_fidelity, neon_scale.kernels, neon_scale._fid_ops, diffusers"
 	touch $(STAMP)
 
 demo: install
 	$(RUN) $(VENV)/bin/neon run --config configs/toy2d.yaml
+
+tiny-assets: install
+	$(RUN) $(PY) tools/make_tiny_assets.py runs/tiny-assets
 
 test: install
 	$(RUN) $(PY) -m pytest -q tests

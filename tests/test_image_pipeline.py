@@ -139,7 +139,24 @@ def test_class_label_out_of_range_in_a_synthetic_set(one_rank, tiny_assets, tmp_
     bad = args.num_classes + 1
     labels = cols["cls"].clone()
     labels[-1] = bad
-    write_shard(shard, {"x": cols["x"], "cls": labels}, {}, key_prefix="000000")
+    write_shard(shard, {**cols, "cls": labels}, {}, key_prefix="000000")
     shutil.rmtree(copy / "train")
     proc = neon("train", "--config", str(CONFIGS[name]), "--run-dir", str(copy), *tiny_assets)
     assert_one_line_error(proc, f"class label {bad} is out of range [0, {args.num_classes}]")
+
+
+@pytest.mark.parametrize("config", ["dit_xl2_in256", "xar_b_in256", "xar_l_in256", "xar_h_in256"])
+def test_full_size_configs_name_each_missing_file(config, tmp_path):
+    from neon_scale.config import load_config
+
+    path = ROOT / "configs" / f"{config}.yaml"
+    files = {key: tmp_path / key.replace(".", "_") for key in
+             ("model.args.vae", "base.weights", "eval.inception_weights", "eval.ref_stats")}
+    for f in files.values():
+        f.write_bytes(b"")
+    sets = [f"{key}={f}" for key, f in files.items()]
+    cfg = load_config(str(path), sets)  # every file there: the config is valid
+    assert cfg.train.global_batch == 256 and cfg.synth.n == 30000
+    for missing in files:
+        proc = neon("run", "--config", str(path), *sum((["--set", s] for s in sets if not s.startswith(missing + "=")), []))
+        assert_one_line_error(proc, f"'{missing}'", "file not found")
