@@ -72,9 +72,10 @@ def save_state_dict(path: str | os.PathLike, state: dict[str, torch.Tensor], met
 
 
 # Sub-dicts of training checkpoints that may hold the weights. DiT's train.py saves
-# {"model", "ema", "opt", "args"}; when several are present the EMA is taken (what is sampled).
+# {"model", "ema", "opt", "args"}, MAR/xAR's {"model", "model_ema", ...}; when several are present
+# the EMA is taken (what is sampled).
 CONTAINER_KEYS = ("ema", "model_ema", "model", "state_dict", "module")
-PREFERRED_KEY = "ema"
+EMA_KEYS = ("ema", "model_ema")
 
 
 def _is_state_dict(obj) -> bool:
@@ -83,7 +84,7 @@ def _is_state_dict(obj) -> bool:
 
 def pick_state_dict(obj, key: str | None, path) -> dict[str, torch.Tensor]:
     """The state dict inside a loaded checkpoint: `obj` itself, its `key` entry, the only one of
-    CONTAINER_KEYS that holds tensors, or "ema" when it is among several; otherwise one line."""
+    CONTAINER_KEYS that holds tensors, or the EMA when it is among several; otherwise one line."""
     if key is not None:
         if not isinstance(obj, dict) or key not in obj:
             found = sorted(k for k, v in obj.items() if isinstance(v, dict)) if isinstance(obj, dict) else []
@@ -95,7 +96,7 @@ def pick_state_dict(obj, key: str | None, path) -> dict[str, torch.Tensor]:
         return obj
     if isinstance(obj, dict):
         candidates = [k for k in CONTAINER_KEYS if _is_state_dict(obj.get(k))]
-        if len(candidates) == 1 or PREFERRED_KEY in candidates:
+        if len(candidates) == 1 or candidates[0] in EMA_KEYS:
             return obj[candidates[0]]
         if len(candidates) > 1:
             raise NeonError(f"{path}: several state dicts {candidates}; pick one with a key")

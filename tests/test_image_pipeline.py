@@ -160,3 +160,19 @@ def test_full_size_configs_name_each_missing_file(config, tmp_path):
     for missing in files:
         proc = neon("run", "--config", str(path), *sum((["--set", s] for s in sets if not s.startswith(missing + "=")), []))
         assert_one_line_error(proc, f"'{missing}'", "file not found")
+
+
+@pytest.mark.parametrize("layout", ["bare", "xar_train", "mar_train"])
+def test_xar_official_file_layouts_load(layout, tmp_path):
+    """Released xAR .pth files are bare state dicts; the authors' training saves {"model_ema",
+    "epoch"}; MAR-style files hold {"model", "model_ema"}: the EMA is taken."""
+    spec, args = _spec_and_args("xar")
+    torch.manual_seed(0)
+    ema, raw = spec.build(args).state_dict(), spec.build(args).state_dict()
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+    obj = {"bare": ema, "xar_train": {"model_ema": ema, "epoch": 250112},
+           "mar_train": {"model": raw, "model_ema": ema, "epoch": 3}}[layout]
+    torch.save(obj, tmp_path / "xAR.pth")
+    model = spec.build(args)
+    load_into(model, load_state_dict(tmp_path / "xAR.pth"), "xAR.pth")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
