@@ -96,7 +96,7 @@ def pick_state_dict(obj, key: str | None, path) -> dict[str, torch.Tensor]:
         return obj
     if isinstance(obj, dict):
         candidates = [k for k in CONTAINER_KEYS if _is_state_dict(obj.get(k))]
-        if len(candidates) == 1 or candidates[0] in EMA_KEYS:
+        if candidates and (len(candidates) == 1 or candidates[0] in EMA_KEYS):
             return obj[candidates[0]]
         if len(candidates) > 1:
             raise NeonError(f"{path}: several state dicts {candidates}; pick one with a key")
