@@ -51,15 +51,19 @@ _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.
 # ------------------------------------------------------------------------------------ kernels
 
 @triton.jit
-def _ddpm_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, row_numel, nblk, out_row, uncond_off, guided_eps, guided_var,
-                 scale, sqrt_recip_ac, sqrt_recipm1_ac, mean_coef1, mean_coef2, log_var_min, log_var_max,
-                 GUIDED: tl.constexpr, HAS_NOISE: tl.constexpr, OUT_T: tl.constexpr, BLOCK: tl.constexpr):
-    # One program = one block of one row of x: row `pid // nblk`, elements r of the row's C*S.
+def _row_block(nblk, row_numel, BLOCK: tl.constexpr):
+    # One program = one block of one row of x: row `pid // nblk`, elements r of that row.
     pid = tl.program_id(0)
     row = pid // nblk
     r = (pid - row * nblk) * BLOCK + tl.arange(0, BLOCK)
-    mask = r < row_numel
-    row = row.to(tl.int64)
+    return row.to(tl.int64), r, r < row_numel
+
+
+@triton.jit
+def _ddpm_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, row_numel, nblk, out_row, uncond_off, guided_eps, guided_var,
+                 scale, sqrt_recip_ac, sqrt_recipm1_ac, mean_coef1, mean_coef2, log_var_min, log_var_max,
+                 GUIDED: tl.constexpr, HAS_NOISE: tl.constexpr, OUT_T: tl.constexpr, BLOCK: tl.constexpr):
+    row, r, mask = _row_block(nblk, row_numel, BLOCK)  # r: element of the row's C*S
     xo = row * row_numel + r
     eo = row * out_row + r  # eps element; its variance value is row_numel further
     x = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
@@ -87,11 +91,7 @@ def _ddpm_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, row_numel, nblk, out_row, unc
 def _ddim_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, row_numel, nblk, out_row, uncond_off, guided_eps,
                  scale, sqrt_recip_ac, sqrt_recipm1_ac, sqrt_ac_prev, dir_coef, sigma,
                  GUIDED: tl.constexpr, HAS_NOISE: tl.constexpr, OUT_T: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    row = pid // nblk
-    r = (pid - row * nblk) * BLOCK + tl.arange(0, BLOCK)
-    mask = r < row_numel
-    row = row.to(tl.int64)
+    row, r, mask = _row_block(nblk, row_numel, BLOCK)
     xo = row * row_numel + r
     eo = row * out_row + r
     x = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
@@ -122,11 +122,8 @@ def _em_body(x_ptr, v_ptr, noise_ptr, y_ptr, row_numel, nblk, uncond_off,
              scale, ratio, var, half_diffusion, dt, sqrt_diffusion, sqrt_abs_dt,
              GUIDED: tl.constexpr, HAS_NOISE: tl.constexpr, ACC: tl.constexpr, V_WIDE: tl.constexpr,
              N_WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    row = pid // nblk
-    r = (pid - row * nblk) * BLOCK + tl.arange(0, BLOCK)
-    mask = r < row_numel
-    xo = row.to(tl.int64) * row_numel + r  # x, velocity (cond) and noise rows have the same size
+    row, r, mask = _row_block(nblk, row_numel, BLOCK)
+    xo = row * row_numel + r  # x, velocity (cond) and noise rows have the same size
     x = tl.load(x_ptr + xo, mask=mask, other=0.0)
     v = _load_acc(v_ptr, xo, mask, ACC, V_WIDE)
     if ACC == tl.float64:
@@ -313,10 +310,7 @@ def em_step(x: torch.Tensor, velocity: torch.Tensor, noise: torch.Tensor | None,
     nblk, total = _grid(b, row_numel)
     if total == 0:
         return y
-    # The reference's scalars, computed as it computes them (Python floats, i.e. fp64).
-    ratio = (1 - t) / -1.0
-    var = t * t - ratio * 1.0 * t
-    diffusion = 2 * t
+    ratio, var, diffusion = ref.em_coefficients(t)  # the reference's scalars (Python floats, i.e. fp64)
     wide = x.dtype == torch.float64
     kernel = _em_kernel_f64 if wide else _em_kernel_f32
     kernel[(total,)](

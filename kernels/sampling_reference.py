@@ -76,16 +76,21 @@ def ddim_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor | No
     return (mean + sigma * noise.float()).to(x.dtype)
 
 
+def em_coefficients(t: float) -> tuple[float, float, float]:
+    """(alpha/d_alpha, the path variance, the diffusion coefficient) of the linear path at time t,
+    in the official order: alpha/d_alpha = (1 - t) / -1 = t - 1, var = t^2 - (t - 1) t, g = 2t.
+    Python floats (float64); the Triton kernel takes the same values."""
+    ratio = (1 - t) / -1.0
+    return ratio, t * t - ratio * 1.0 * t, 2 * t
+
+
 def em_step(x: torch.Tensor, velocity: torch.Tensor, noise: torch.Tensor | None, *, scale: float | None,
             t: float, dt: float) -> torch.Tensor:
     """x [B, ...] (float32 or float64), velocity [B or 2B, ...] (any float dtype), noise like x
     or None (the final mean step); t > 0 the current time, dt = t_next - t < 0."""
     acc = x.dtype
     v = velocity.to(acc)
-    # score of the linear path: alpha/d_alpha = t - 1, var = t^2 - (t - 1) t
-    ratio = (1 - t) / -1.0
-    var = t * t - ratio * 1.0 * t
-    diffusion = 2 * t
+    ratio, var, diffusion = em_coefficients(t)
     if scale is not None:
         xx = torch.cat([x, x])
     else:

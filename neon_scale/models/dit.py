@@ -43,10 +43,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """[cos(t f_i), sin(t f_i)] with f_i = max_period^(-i / (dim/2)), float32 (GLIDE's embedding)."""
+    """[..., dim] = [cos(t f_i), sin(t f_i)] with f_i = max_period^(-i / (dim/2)), float32 (GLIDE's
+    embedding, shared by DiT and xAR). The frequencies are computed on the CPU and moved, as both
+    official implementations do."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angles = t[:, None].float() * freqs[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    angles = t[..., None].float() * freqs
     out = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     return F.pad(out, (0, 1)) if dim % 2 else out
 
@@ -75,6 +77,8 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
+    """sinusoid(freq_dim) -> Linear -> SiLU -> Linear, as `t_embedder` (DiT) and `time_embed` (xAR)."""
+
     def __init__(self, dim: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import NeonError
+from .dit import TimestepEmbedder
 from .latent import check_labels
 
 LATENT_SCALE = 0.2325  # VAE latents are multiplied by this before the model sees them
@@ -55,25 +56,6 @@ def xar_config(size: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- building blocks
-
-def timestep_features(steps: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """[..., dim] = [cos(s f_i), sin(s f_i)], f_i = max_period^(-i / (dim/2)), in float32
-    (the frequencies are computed on the CPU and moved, as the official code does)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device="cpu") / half)
-    angles = steps[..., None].float() * freqs.to(steps.device)
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-
-
-class TimestepEmbedder(nn.Module):
-    def __init__(self, dim: int, freq_dim: int = 256):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, steps: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_features(steps, self.freq_dim).to(self.mlp[0].weight.dtype))
-
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps), computed in float32 (float64 for float64 x) and cast back; times
