@@ -20,7 +20,7 @@ $(STAMP): setup.py requirements.txt constraints.txt tools/fix_torchvision_cpu.py
 	$(PIP) -c constraints.txt -r requirements.txt $(QUIET)
 	$(PIP) -c constraints.txt --no-build-isolation --no-deps -e . $(QUIET)
 	$(PY) tools/fix_torchvision_cpu.py
-	$(RUN) $(PY) -c "import torch, deepspeed, triton, webdataset, safetensors, rich, torch_fidelity, neon_scale.kernels, neon_scale._fid_ops, diffusers"
+	$(RUN) $(PY) -c "import torch, deepspeed, triton, webdataset, safetensors, rich, torch_fidelity, neon_scale.kernels, neon_scale._fid_ops, diffusers, sklearn"
 	touch $(STAMP)
 
 demo: install

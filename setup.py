@@ -65,6 +65,7 @@ setup(
         "numpy",
         "matplotlib",
         "pillow",
+        "scikit-learn",  # the built-in real data set (data.source: digits)
     ],
     # diffusers: only the Stable Diffusion VAE (DiT) needs it (neon_scale.models.vae.load_sd_vae).
     extras_require={"sd-vae": ["diffusers"]},

@@ -37,30 +37,6 @@ class ModelConfig:
 
 
 @dataclass
-class BaseConfig:
-    weights: Optional[str] = _f(None, help="pretrained weights; None trains the base from the model's real data")
-    n_real: int = _f(1000, min=1, help="real samples for training the base from scratch")
-    steps: int = _f(10000, min=1, help="optimizer steps for the base")
-    lr: float = _f(1e-4, min=0.0)
-    batch_size: int = _f(0, min=0, help="0 = full batch")
-    seed: int = _f(0)
-    weights_key: Optional[str] = _f(None, help="entry of a training checkpoint holding the weights; None: 'ema' "
-                                               "if present, else 'model_ema', 'model', 'state_dict', 'module'")
-    random_init: bool = _f(False, help="no weights: the model's own random initialisation (seed base.seed); "
-                                       "smoke tests and tiny configs")
-
-
-@dataclass
-class SynthConfig:
-    n: int = _f(1000, min=1, help="synthetic samples per sampler setting")
-    samplers: list = _f([{}], help="one dict of sampler settings per synthetic set")
-    shard_size: int = _f(1000, min=1, help="samples per webdataset shard")
-    batch_size: int = _f(100000, min=1, help="samples drawn per sampler call")
-    seed: int = _f(1)
-    save_images: bool = _f(False, help="image models: also write the decoded images (.png) beside the latents")
-
-
-@dataclass
 class TrainConfig:
     save_steps: list = _f([50, 250], help="optimizer steps at which theta_s is exported")
     global_batch: int = _f(1000, min=1, help="samples per optimizer step, whatever the world size")
@@ -89,6 +65,41 @@ class TrainConfig:
 
 
 @dataclass
+class DataConfig:
+    source: Optional[str] = _f(None, help="real labelled images: a built-in name (digits), a folder of class "
+                                          "sub-folders, or webdataset shards (.png + .cls); trains the base of "
+                                          "image models and gives the metric its reference")
+    holdout: float = _f(0.2, min=0.0, max=0.9, help="fraction of each class held out (fixed split)")
+    seed: int = _f(0, help="seed of the held-out split")
+
+
+@dataclass
+class BaseConfig:
+    weights: Optional[str] = _f(None, help="pretrained weights; None trains the base from the model's real data")
+    n_real: int = _f(1000, min=1, help="toys: real samples for training the base from scratch")
+    steps: int = _f(10000, min=1, help="toys: optimizer steps for the base")
+    lr: float = _f(1e-4, min=0.0, help="toys: learning rate of the base")
+    batch_size: int = _f(0, min=0, help="toys: 0 = full batch")
+    train: Optional[TrainConfig] = _f(None, help="image models from scratch on data.source: the DeepSpeed trainer's "
+                                                  "settings (as the train section; the last save step is theta_r)")
+    seed: int = _f(0)
+    weights_key: Optional[str] = _f(None, help="entry of a training checkpoint holding the weights; None: 'ema' "
+                                               "if present, else 'model_ema', 'model', 'state_dict', 'module'")
+    random_init: bool = _f(False, help="no weights: the model's own random initialisation (seed base.seed); "
+                                       "smoke tests and tiny configs")
+
+
+@dataclass
+class SynthConfig:
+    n: int = _f(1000, min=1, help="synthetic samples per sampler setting")
+    samplers: list = _f([{}], help="one dict of sampler settings per synthetic set")
+    shard_size: int = _f(1000, min=1, help="samples per webdataset shard")
+    batch_size: int = _f(100000, min=1, help="samples drawn per sampler call")
+    seed: int = _f(1)
+    save_images: bool = _f(False, help="image models: also write the decoded images (.png) beside the latents")
+
+
+@dataclass
 class EvalConfig:
     n: int = _f(100000, min=1, help="samples per evaluated point")
     sampler: dict = _f({}, help="sampler settings used to evaluate every merged model")
@@ -96,7 +107,15 @@ class EvalConfig:
     seed: int = _f(1234)
     inception_weights: Optional[str] = _f(None, help="image models: torch-fidelity's InceptionV3 weights (local)")
     ref_stats: Optional[str] = _f(None, help="image models: reference statistics .npz (mu, sigma)")
-    batch_size: int = _f(64, min=1, help="image models: Inception batch size")
+    batch_size: int = _f(64, min=1, help="image models: feature-backbone batch size")
+    features: str = _f("inception", choices=["inception", "dinov2", "classifier"],
+                       help="image models: feature backbone of the Frechet distance (FID, FD_DINOv2, FD of a "
+                            "classifier trained on data.source)")
+    dinov2_weights: Optional[str] = _f(None, help="features=dinov2: dinov2_vitl14_pretrain.pth (local)")
+    classifier_weights: Optional[str] = _f(None, help="features=classifier: a saved classifier; None: trained on "
+                                                      "data.source's training split once per run")
+    ref_split: str = _f("train", choices=["train", "holdout", "all"],
+                        help="without eval.ref_stats: the data.source images the reference statistics come from")
 
 
 @dataclass
@@ -111,6 +130,8 @@ class SweepConfig:
     refine_w: float = _f(0.1, min=0.0, help="half-width of the refine grid in w (0 = no refine)")
     refine_guidance: float = _f(0.1, min=0.0)
     final_n: Optional[int] = _f(None, min=1, help="re-evaluate each best point with this many samples")
+    repeats: int = _f(0, min=0, help="re-evaluate w = 0 and the best w (each at its best guidance) with this many "
+                                     "fresh evaluation seeds: mean and standard error of both and of the difference")
 
     def w_grid(self) -> list[float]:
         if not (self.w_step > 0 and math.isfinite(self.w_step)) or self.w_min > self.w_max:
@@ -125,6 +146,7 @@ class Config:
     name: str = _f("", help="run name; default: the config file's stem")
     run_dir: str = _f("", help="default: runs/<name>")
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -267,6 +289,13 @@ def validate(cfg: Config, where: str) -> None:
     from .models.registry import get_spec
 
     spec = get_spec(cfg.model.name, where)
+    if cfg.data.source is not None:
+        from .data.real import load_real
+
+        if not spec.makes_images:
+            raise NeonError(f"{where}: 'data.source' is set but model {cfg.model.name!r} is not an image model")
+        real = load_real(cfg.data.source)
+        cfg.model.args = spec.fit_data(dict(cfg.model.args), real.shape, real.num_classes, where)
     spec.validate(spec.parse_args(cfg.model.args, where, "model.args"), where)
     if not cfg.synth.samplers:
         raise NeonError(f"{where}: 'synth.samplers' is empty: give at least one sampler setting")
@@ -276,21 +305,18 @@ def validate(cfg: Config, where: str) -> None:
         spec.parse_sampler(s, where, f"synth.samplers[{i}]")
     spec.parse_sampler(cfg.eval.sampler, where, "eval.sampler")
     if spec.makes_images:
-        for key in ("inception_weights", "ref_stats"):
-            value = getattr(cfg.eval, key)
-            if not value or not os.path.isfile(value):
-                raise NeonError(f"{where}: 'eval.{key}' = {value!r}: file not found (image models are evaluated "
-                                f"by FID against eval.ref_stats with eval.inception_weights)")
-    steps = cfg.train.save_steps
-    if not steps or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in steps):
-        raise NeonError(f"{where}: 'train.save_steps' must be a non-empty list of positive integers, got {steps!r}")
-    if len(cfg.train.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.train.betas):
-        raise NeonError(f"{where}: 'train.betas' must be two numbers in [0, 1), got {cfg.train.betas!r}")
-    if cfg.train.ema_decay >= 1.0:
-        raise NeonError(f"{where}: 'train.ema_decay' = {cfg.train.ema_decay} must be below 1 (0 = off)")
-    if cfg.train.label_dropout > 0 and spec.null_class(spec.parse_args(cfg.model.args)) is None:
-        raise NeonError(f"{where}: 'train.label_dropout' = {cfg.train.label_dropout} but model {cfg.model.name!r} "
-                        f"is not class-conditional")
+        _validate_image_eval(cfg, where)
+    trainers = [("train", cfg.train)] + ([("base.train", cfg.base.train)] if cfg.base.train is not None else [])
+    for prefix, t in trainers:
+        _validate_trainer(t, prefix, spec, cfg, where)
+    trains_on_data = spec.makes_images and cfg.data.source is not None and not cfg.base.weights \
+        and not cfg.base.random_init
+    if trains_on_data and not spec.pixel_space(spec.parse_args(cfg.model.args)):
+        raise NeonError(f"{where}: model {cfg.model.name!r}: training from scratch on data.source needs pixel space "
+                        f"(model.args.vae: none), got model.args.vae = {cfg.model.args.get('vae')!r}")
+    if trains_on_data and cfg.base.train is None:
+        raise NeonError(f"{where}: 'base.train' is required: model {cfg.model.name!r} is trained from scratch on "
+                        f"data.source = {cfg.data.source!r} by the DeepSpeed trainer (its settings, as the train section)")
     if cfg.sweep.guidance_key is not None:
         if not cfg.sweep.guidance:
             raise NeonError(f"{where}: 'sweep.guidance' is empty but sweep.guidance_key = {cfg.sweep.guidance_key!r}")
@@ -298,15 +324,49 @@ def validate(cfg: Config, where: str) -> None:
     elif cfg.sweep.guidance:
         raise NeonError(f"{where}: 'sweep.guidance' is set but 'sweep.guidance_key' is not")
     cfg.sweep.w_grid()  # raises on an empty grid
-    if cfg.train.deepspeed_json:  # fail before any stage runs, not at the train stage
-        from .train.engine import load_user_json
-
-        load_user_json(cfg.train.deepspeed_json)
     if cfg.base.weights is not None:
         if cfg.base.random_init:
             raise NeonError(f"{where}: 'base.random_init' is true but 'base.weights' = {cfg.base.weights!r} is set too")
         if not os.path.isfile(cfg.base.weights):
             raise NeonError(f"{where}: 'base.weights' = {cfg.base.weights!r}: file not found")
-    elif not spec.has_real_data and not cfg.base.random_init:
-        raise NeonError(f"{where}: 'base.weights' is required for model {cfg.model.name!r} (it has no built-in data; "
-                        f"base.random_init: true gives random weights, for smoke tests)")
+    elif not spec.has_real_data and not cfg.base.random_init and cfg.data.source is None:
+        raise NeonError(f"{where}: 'base.weights' is required for model {cfg.model.name!r} (or data.source to train "
+                        f"it from scratch; base.random_init: true gives random weights, for smoke tests)")
+
+
+def _validate_trainer(t: TrainConfig, prefix: str, spec, cfg: Config, where: str) -> None:
+    steps = t.save_steps
+    if not steps or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in steps):
+        raise NeonError(f"{where}: '{prefix}.save_steps' must be a non-empty list of positive integers, got {steps!r}")
+    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
+        raise NeonError(f"{where}: '{prefix}.betas' must be two numbers in [0, 1), got {t.betas!r}")
+    if t.ema_decay >= 1.0:
+        raise NeonError(f"{where}: '{prefix}.ema_decay' = {t.ema_decay} must be below 1 (0 = off)")
+    if t.label_dropout > 0 and spec.null_class(spec.parse_args(cfg.model.args)) is None:
+        raise NeonError(f"{where}: '{prefix}.label_dropout' = {t.label_dropout} but model {cfg.model.name!r} "
+                        f"is not class-conditional")
+    if t.deepspeed_json:  # fail before any stage runs, not at the train stage
+        from .train.engine import load_user_json
+
+        load_user_json(t.deepspeed_json)
+
+
+_BACKBONE_WEIGHTS = {"inception": "inception_weights", "dinov2": "dinov2_weights", "classifier": "classifier_weights"}
+
+
+def _validate_image_eval(cfg: Config, where: str) -> None:
+    """Image models: the backbone's weights and the reference statistics exist, or data.source
+    provides them (the classifier is trained on it; the reference comes from its images)."""
+    ev = cfg.eval
+    key = _BACKBONE_WEIGHTS[ev.features]
+    value = getattr(ev, key)
+    trainable = ev.features == "classifier" and cfg.data.source is not None
+    if value is not None or not trainable:
+        if not value or not os.path.isfile(value):
+            hint = " (or data.source to train one)" if ev.features == "classifier" else ""
+            raise NeonError(f"{where}: 'eval.{key}' = {value!r}: file not found (eval.features = {ev.features!r} "
+                            f"reads its weights from this local file{hint})")
+    if ev.ref_stats is not None or cfg.data.source is None:
+        if not ev.ref_stats or not os.path.isfile(ev.ref_stats):
+            raise NeonError(f"{where}: 'eval.ref_stats' = {ev.ref_stats!r}: file not found (image models are "
+                            f"evaluated against these reference statistics, or against data.source's images)")

@@ -11,8 +11,8 @@ from torch_fidelity.metric_fid import (
 from torch_fidelity.utils import get_featuresdict_from_dataset
 
 from neon_scale import rng
-from neon_scale.config import EvalConfig
-from neon_scale.metrics.fid import write_stats
+from neon_scale.metrics.backbones import load_backbone
+from neon_scale.metrics.fid import read_stats, write_stats
 from neon_scale.metrics.sample_eval import SampleMetric, evaluate
 from neon_scale.models.registry import ModelSpec
 
@@ -55,8 +55,8 @@ def test_image_model_eval_matches_torch_fidelity(image_sets, inception_weights, 
     write_stats(tmp_path / "ref.npz", ref["mu"], ref["sigma"], 20)
 
     spec, model = _TinyImageSpec(), _Upsampler()
-    cfg = EvalConfig(inception_weights=str(inception_weights), ref_stats=str(tmp_path / "ref.npz"), batch_size=8)
-    ours = evaluate(SampleMetric(spec, cfg), model, None, n=30, seed=5, chunk=12)
+    backbone = load_backbone("inception", str(inception_weights), batch_size=8)
+    ours = evaluate(SampleMetric(spec, backbone, read_stats(tmp_path / "ref.npz")), model, None, n=30, seed=5, chunk=12)
 
     images = torch.cat([spec.sample(model, c, rng.generator(5, "eval", i), None)["image"]
                         for i, c in enumerate((12, 12, 6))])

@@ -99,7 +99,12 @@ def test_two_ranks_complete_and_draw_the_same_synthetic_set(one_rank, tiny_asset
     proc = torchrun(LAUNCHER, "--config", str(CONFIGS[name]), "--run-dir", str(two), *tiny_assets, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     one_set, two_set = _columns(run_dir), _columns(two)
-    assert torch.equal(one_set["cls"], two_set["cls"]) and torch.equal(one_set["x"], two_set["x"])
+    assert torch.equal(one_set["cls"], two_set["cls"])
+    # Each shard is drawn by one rank from its own random stream whatever the world size, but the
+    # 2-rank run uses 1 thread per process (torchrun) and the 1-rank run 2: on some CPUs float32
+    # reductions then round differently. Measured: identical on the CI's Intel Xeon, 1.5e-6 (xAR)
+    # on an AMD EPYC (AVX2). Another shard's noise would differ by O(1).
+    torch.testing.assert_close(two_set["x"], one_set["x"], rtol=1e-5, atol=1e-5 * one_set["x"].abs().max().item())
     s1 = json.loads((run_dir / "sweep" / "summary.json").read_text())
     s2 = json.loads((two / "sweep" / "summary.json").read_text())
     assert [e["metric_w0"] for e in s1] == pytest.approx([e["metric_w0"] for e in s2], rel=1e-4)

@@ -3,6 +3,8 @@
 Inputs: folders of PNG/JPEG, ADM sample batches (.npz with arr_0), webdataset shards, or (INPUT
 only, FID only) a statistics .npz with mu/sigma. Everything is checked before any image is decoded.
 Under `torchrun`/`deepspeed` every rank extracts a disjoint share; rank 0 writes the results.
+`--features` picks the backbone (`backbones.py`): Inception (FID, the default), DINOv2 (FD_DINOv2)
+or the project's classifier; the Frechet distance is reported under the backbone's metric name.
 """
 from __future__ import annotations
 
@@ -22,10 +24,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                  ".tar, or a stats .npz (mu, sigma)")
     p.add_argument("input2", nargs="?", help="reference images (same forms) or a stats .npz")
     p.add_argument("--ref", help="reference statistics .npz with mu, sigma (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
-    p.add_argument("--weights", required=True, help="torch-fidelity's InceptionV3 weights file "
-                                                    "(weights-inception-2015-12-05-6726825d.pth), local")
+    p.add_argument("--features", default="inception", metavar="NAME",
+                   help="feature backbone: inception (FID; default), dinov2 (FD_DINOv2) or classifier "
+                        "(the project's classifier on the real data)")
+    p.add_argument("--weights", required=True,
+                   help="the backbone's local weights file (never downloaded): inception: torch-fidelity's "
+                        "weights-inception-2015-12-05-6726825d.pth; dinov2: dinov2_vitl14_pretrain.pth; "
+                        "classifier: the project's trained classifier")
     p.add_argument("--metrics", default=None, help="comma list of fid,isc,kid,prc (default: fid with a second "
-                                                   "input or --ref, else isc)")
+                                                   "input or --ref, else isc); fid is the Frechet distance in "
+                                                   "the backbone's features, isc needs a backbone with logits")
     p.add_argument("--save-stats", metavar="OUT.npz", help="write INPUT's mu/sigma (ADM format)")
     p.add_argument("--json", metavar="OUT.json", help="write the results as JSON (rank 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per network batch (default 64)")
@@ -39,6 +47,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _metrics(args) -> list[str]:
+    from .backbones import check_name
+
+    check_name(args.features, "--features")
     second = args.input2 or args.ref
     if args.input2 and args.ref:
         raise NeonError("give either INPUT2 or --ref, not both")
@@ -87,18 +98,23 @@ def run_cli(args: argparse.Namespace) -> None:
 
     import torch  # the heavy imports (torch-fidelity pulls torchvision) after the cheap checks
 
-    from .features import FeatureStats, InceptionFeatures, extract
-    from .inception import FEATURE_DIM
+    from .backbones import METRIC_NAMES, load_backbone
+    from .features import FeatureStats, extract
     from .scores import inception_score, kernel_inception_distance, precision_recall
-
-    if "input2" in inputs:  # before any image is decoded
-        dims = {role: value[0].shape[0] if kind == "stats" else FEATURE_DIM for role, (kind, value) in inputs.items()}
-        check_same_dim((paths["input1"], dims["input1"]), (paths["input2"], dims["input2"]))
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init()
     device = torch.device(args.device) if args.device else None
     extractor = None
+    if any(kind == "images" for kind, _ in inputs.values()):  # loaded (and checked) before any image is decoded
+        extractor = load_backbone(args.features, args.weights, device, args.batch_size)
+        if "isc" in wanted and extractor.logits_dim is None:
+            default = "" if args.metrics else " (the default with one input)"
+            raise NeonError(f"--metrics isc{default}: the {args.features} features have no class logits; the "
+                            f"Inception Score needs --features inception or classifier")
+    if "input2" in inputs:  # before any image is decoded
+        dims = {role: value[0].shape[0] if kind == "stats" else extractor.dim for role, (kind, value) in inputs.items()}
+        check_same_dim((paths["input1"], dims["input1"]), (paths["input2"], dims["input2"]))
     results: dict = {}
     stats: dict[str, dict] = {}
     seconds: dict[str, float] = {}
@@ -107,9 +123,8 @@ def run_cli(args: argparse.Namespace) -> None:
         if kind == "stats":
             stats[role] = {"mu": value[0], "sigma": value[1], "n": None}
             continue
-        if extractor is None:
-            extractor = InceptionFeatures(args.weights, device, args.batch_size)
-        acc = FeatureStats(keep_pool="kid" in wanted or "prc" in wanted, keep_logits="isc" in wanted and role == "input1")
+        acc = FeatureStats.for_backbone(extractor, keep_pool="kid" in wanted or "prc" in wanted,
+                                        keep_logits="isc" in wanted and role == "input1")
         timing = extract(value, extractor, acc, args.workers, args.skip_bad, label=f"{role} features")
         stats[role] = acc.finish()
         for k, v in timing.items():
@@ -119,8 +134,10 @@ def run_cli(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - start
 
     s1, s2 = stats["input1"], stats.get("input2")
+    fd_name = METRIC_NAMES[args.features]
+    results["features"] = args.features
     if "fid" in wanted:
-        results["fid"] = frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"])
+        results[fd_name] = frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"])
     if dist.is_main():
         if "isc" in wanted:
             results["is_mean"], results["is_std"] = inception_score(s1["logits"])
@@ -139,7 +156,8 @@ def run_cli(args: argparse.Namespace) -> None:
             write_stats(args.save_stats, s1["mu"], s1["sigma"], s1["n"])
         if args.json:
             io.write_json(args.json, results)
-        shown = [f"{k} {results[k]:.6g}" for k in ("fid", "is_mean", "kid_mean", "precision", "recall") if k in results]
+        shown = [f"{k} {results[k]:.6g}" for k in (fd_name, "is_mean", "kid_mean", "precision", "recall")
+                 if k in results]
         counts = ", ".join(f"n={v}" for v in results["n"].values() if v is not None)
         log(" | ".join(shown) + f" ({counts}; {results['images_per_s']:.1f} img/s on {dist.world()} rank(s))")
     dist.barrier()

@@ -1,9 +1,10 @@
-"""uint8 images -> Inception features -> per-input statistics, on every rank.
+"""uint8 images -> backbone features -> per-input statistics, on every rank.
 
 `InceptionFeatures` runs the csrc pre-processing op and the network on a batch (from a sampler in
-memory, or decoded by DataLoader workers). `FeatureStats` keeps what the metrics need: float64
-moments for FID (all-reduced once), and, only when IS/KID/PR are asked for, the rows themselves
-with their global indices (gathered to rank 0 in input order). `extract` drives one input source.
+memory, or decoded by DataLoader workers); other backbones (`backbones.py`) have the same call.
+`FeatureStats` keeps what the metrics need: float64 moments for the Frechet distance (all-reduced
+once), and, only when IS/KID/PR are asked for, the rows themselves with their global indices
+(gathered to rank 0 in input order); its sizes are the backbone's. `extract` drives one input source.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader
 from .. import dist
 from ..console import progress
 from ..errors import NeonError
+from .backbones import Backbone, as_rgb
 from .fid import Moments
 from .inception import FEATURE_DIM, LOGITS_DIM, load_inception, no_tf32
 from .inputs import RankShare, collate
@@ -28,7 +30,11 @@ def default_device() -> torch.device:
 
 
 class InceptionFeatures:
-    """uint8 [N, 3, H, W] (or NHWC) -> (pool [N, 2048], logits_unbiased [N, 1008]) float32 on the CPU."""
+    """uint8 [N, C, H, W] (or NHWC; C = 1 or 3) -> (pool [N, 2048], logits_unbiased [N, 1008]) float32
+    on the CPU. Grey images are repeated to RGB."""
+
+    dim = FEATURE_DIM
+    logits_dim = LOGITS_DIM
 
     def __init__(self, weights: str, device: torch.device | None = None, batch_size: int = 64):
         self.device = device or default_device()
@@ -46,7 +52,8 @@ class InceptionFeatures:
         with no_tf32():
             for chunk in images.split(self.batch_size):
                 t0 = time.perf_counter()
-                x = preprocess(chunk.to(self.device, non_blocking=True), layout=layout, channels_last_out=True)
+                x = preprocess(as_rgb(chunk.to(self.device, non_blocking=True), layout), layout=layout,
+                               channels_last_out=True)
                 self._sync()
                 t1 = time.perf_counter()
                 pool, logit = self.model(x)
@@ -59,10 +66,15 @@ class InceptionFeatures:
 
 
 class FeatureStats:
-    """One input's statistics on this rank; `finish()` combines ranks."""
+    """One input's statistics on this rank; `finish()` combines ranks. `dim` and `logits_dim` are the
+    backbone's (default: Inception's); `keep_logits` needs a backbone with logits."""
 
-    def __init__(self, keep_pool: bool = False, keep_logits: bool = False):
-        self.moments = Moments(FEATURE_DIM)
+    def __init__(self, keep_pool: bool = False, keep_logits: bool = False, dim: int = FEATURE_DIM,
+                 logits_dim: int | None = LOGITS_DIM):
+        if keep_logits and logits_dim is None:
+            raise ValueError("FeatureStats: keep_logits needs a backbone with logits (logits_dim is None)")
+        self.dim, self.logits_dim = dim, logits_dim
+        self.moments = Moments(dim)
         self.keep_pool, self.keep_logits = keep_pool, keep_logits
         self.index: list[torch.Tensor] = []
         self.pool: list[torch.Tensor] = []
@@ -70,7 +82,11 @@ class FeatureStats:
         self.n = 0
         self.bad = 0
 
-    def add(self, index: torch.Tensor, pool: torch.Tensor, logits: torch.Tensor) -> None:
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, keep_pool: bool = False, keep_logits: bool = False) -> "FeatureStats":
+        return cls(keep_pool, keep_logits, dim=backbone.dim, logits_dim=backbone.logits_dim)
+
+    def add(self, index: torch.Tensor, pool: torch.Tensor, logits: torch.Tensor | None) -> None:
         self.moments.add(pool)
         self.n += pool.shape[0]
         if self.keep_pool or self.keep_logits:
@@ -80,7 +96,7 @@ class FeatureStats:
         if self.keep_logits:
             self.logits.append(logits)
 
-    def add_images(self, features: InceptionFeatures, images: torch.Tensor, index: torch.Tensor,
+    def add_images(self, features: Backbone, images: torch.Tensor, index: torch.Tensor,
                    layout: str = "nchw") -> None:
         """In-memory uint8 images (e.g. straight from a sampler) with their global indices."""
         self.add(index, *features(images, layout))
@@ -94,7 +110,7 @@ class FeatureStats:
         mu, sigma = self.moments.mean_cov()
         out.update(mu=mu.numpy(), sigma=sigma.numpy())
         index = torch.cat(self.index) if self.index else torch.zeros(0, dtype=torch.int64)
-        for name, keep, dim in (("pool", self.keep_pool, FEATURE_DIM), ("logits", self.keep_logits, LOGITS_DIM)):
+        for name, keep, dim in (("pool", self.keep_pool, self.dim), ("logits", self.keep_logits, self.logits_dim)):
             if keep:
                 rows = torch.cat(getattr(self, name)) if getattr(self, name) else torch.zeros(0, dim)
                 gathered = dist.gather_rows(index, rows)
@@ -103,7 +119,7 @@ class FeatureStats:
         return out
 
 
-def extract(source, features: InceptionFeatures, stats: FeatureStats, workers: int = 2, skip_bad: bool = False,
+def extract(source, features: Backbone, stats: FeatureStats, workers: int = 2, skip_bad: bool = False,
             label: str = "features") -> dict:
     """Run this rank's share of `source` (i % world == rank) through `features` into `stats`.
     Returns timings in seconds: decode (waiting for decoded batches), preprocess, network, total."""

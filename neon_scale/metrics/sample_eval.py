@@ -3,7 +3,7 @@
 The n samples are split into fixed chunks; chunk i is always drawn with the random stream
 (seed, i) and is handled by rank i mod world, so every w sees the same noise and the result does
 not depend on the number of ranks. Features accumulate as float64 moments, all-reduced once.
-Image models hand their uint8 samples straight to the Inception extractor (no PNG round trip);
+Image models hand their uint8 samples straight to the feature backbone (no PNG round trip);
 other models (the toys) use their own features and reference statistics.
 """
 from __future__ import annotations
@@ -18,25 +18,22 @@ from .fid import Moments, frechet_distance
 
 
 class SampleMetric:
-    """Features of samples and the reference they are compared with; built once per sweep."""
+    """Features of samples and the reference they are compared with; built once per sweep.
+    Image models: `backbone` (metrics.backbones) on spec.images(samples) against (mu_ref,
+    sigma_ref); other models: their own features and reference statistics."""
 
-    def __init__(self, spec: ModelSpec, eval_cfg=None, model_args=None):
-        self.spec, self.model_args = spec, model_args
+    def __init__(self, spec: ModelSpec, backbone=None, ref: tuple | None = None, model_args=None):
+        self.spec, self.model_args, self.backbone = spec, model_args, backbone
         if spec.makes_images:
-            from .features import InceptionFeatures
-            from .fid import read_stats
-
-            self.inception = InceptionFeatures(eval_cfg.inception_weights, batch_size=eval_cfg.batch_size)
-            self.mu_ref, self.sigma_ref = read_stats(eval_cfg.ref_stats)
+            self.mu_ref, self.sigma_ref = ref
         else:
-            self.inception = None
             self.mu_ref, self.sigma_ref = (t.numpy() for t in spec.reference_stats())
 
     def features(self, samples: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.inception is None:
+        if self.backbone is None:
             return self.spec.features(samples)
-        pool, _logits = self.inception(self.spec.images(samples, self.model_args))
-        return pool
+        feats, _logits = self.backbone(self.spec.images(samples, self.model_args))
+        return feats
 
 
 @torch.no_grad()

@@ -25,7 +25,8 @@ VAE_STRIDE = 8
 @dataclass
 class DiTArgs:
     arch: str = _f("XL/2", choices=DIT_ARCHS, help="official variant; depth/hidden_size/num_heads override it")
-    image_size: int = _f(256, min=8, help="pixels; the latent grid is image_size / 8")
+    image_size: int = _f(256, min=2, help="pixels; the latent grid is image_size / 8 (with a VAE)")
+    channels: int = _f(3, min=1, help="image channels; the network's input channels in pixel space (vae: none)")
     num_classes: int = _f(1000, min=1, help="class labels 0..num_classes-1; num_classes is the null class")
     learn_sigma: bool = _f(True, help="8 output channels: eps and the variance (official)")
     class_dropout_prob: float = _f(0.1, min=0.0, max=1.0, help="the official constructor's argument (sizes the "
@@ -33,7 +34,8 @@ class DiTArgs:
     depth: int = _f(0, min=0, help="0 = the arch's")
     hidden_size: int = _f(0, min=0, help="0 = the arch's")
     num_heads: int = _f(0, min=0, help="0 = the arch's")
-    vae: str = _f("", help="local SD VAE (diffusers folder of sd-vae-ft-ema/-mse), or 'random' (tests)")
+    vae: str = _f("", help="local SD VAE (diffusers folder of sd-vae-ft-ema/-mse); 'none': pixel space (the "
+                           "images in [-1, 1]); 'random' (tests)")
     vae_seed: int = _f(0, help="seed of the random VAE")
 
 
@@ -41,7 +43,9 @@ class DiTArgs:
 class DiTSampler:
     method: str = _f("ddpm", choices=["ddpm", "ddim"], help="ddpm: learned-variance ancestral (official); ddim")
     steps: int = _f(250, min=1, help="respaced steps out of the 1000 trained ones")
-    cfg: float = _f(1.5, min=0.0, help="classifier-free guidance scale; <= 1: no guidance")
+    cfg: float = _f(1.5, min=0.0, help="classifier-free guidance scale: > 1 mode-seeking (official); 1: the plain "
+                                       "conditional model; < 1 interpolates towards the unconditional model "
+                                       "(diversity-seeking; the official code treats cfg <= 1 as 1)")
     guided_channels: int = _f(3, min=1, help="eps channels guided (official: 3; 4 = all)")
     eta: float = _f(0.0, min=0.0, max=1.0, help="DDIM noise")
 
@@ -53,21 +57,30 @@ class DiTSpec(LatentImageSpec):
     Sampler = DiTSampler
     vae_kind = "sd"
 
+    DATA_ARGS = {"image_size": "image_size", "channels": "channels", "num_classes": "num_classes"}
+
+    def stride(self, args: DiTArgs) -> int:
+        return 1 if self.pixel_space(args) else VAE_STRIDE
+
     def constructor_args(self, args: DiTArgs) -> dict:
         kw = dit_config(args.arch)
         for key in ("depth", "hidden_size", "num_heads"):
             if getattr(args, key):
                 kw[key] = getattr(args, key)
-        return dict(kw, input_size=args.image_size // VAE_STRIDE, in_channels=4, num_classes=args.num_classes,
-                    learn_sigma=args.learn_sigma, class_dropout_prob=args.class_dropout_prob)
+        in_channels = args.channels if self.pixel_space(args) else 4
+        return dict(kw, input_size=args.image_size // self.stride(args), in_channels=in_channels,
+                    num_classes=args.num_classes, learn_sigma=args.learn_sigma,
+                    class_dropout_prob=args.class_dropout_prob)
 
     def validate(self, args: DiTArgs, where: str) -> None:
         from ..errors import NeonError
 
         kw = self.constructor_args(args)
-        if args.image_size % (VAE_STRIDE * kw["patch_size"]):
+        stride = self.stride(args)
+        if args.image_size % (stride * kw["patch_size"]):
+            why = f"VAE stride 8 x patch {kw['patch_size']}" if stride > 1 else f"patch {kw['patch_size']}, pixel space"
             raise NeonError(f"{where}: 'model.args.image_size' = {args.image_size} is not a multiple of "
-                            f"{VAE_STRIDE * kw['patch_size']} (VAE stride 8 x patch {kw['patch_size']})")
+                            f"{stride * kw['patch_size']} ({why})")
         if kw["hidden_size"] % kw["num_heads"]:
             raise NeonError(f"{where}: 'model.args.hidden_size' = {kw['hidden_size']} is not divisible by "
                             f"num_heads = {kw['num_heads']}")
@@ -88,5 +101,6 @@ class DiTSpec(LatentImageSpec):
         labels = balanced_labels(start, n, model.num_classes, dev)
         x = diffusion.sample(model, noise, labels, gen, method=sampler.method, steps=sampler.steps, cfg=sampler.cfg,
                              null_class=model.num_classes, guided_channels=min(sampler.guided_channels,
-                                                                               model.in_channels), eta=sampler.eta)
+                                                                               model.in_channels), eta=sampler.eta,
+                             guidance=sampler.cfg != 1.0)
         return {"x": x, "cls": labels}

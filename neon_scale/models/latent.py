@@ -16,6 +16,7 @@ from ..errors import NeonError
 from .registry import ModelSpec
 
 RANDOM_VAE = "random"  # model.args.vae: a small randomly initialised VAE (tests, tiny configs)
+NO_VAE = "none"        # model.args.vae: pixel space, the network sees the images in [-1, 1]
 
 
 def balanced_labels(start: int, n: int, num_classes: int, device=None) -> torch.Tensor:
@@ -42,12 +43,45 @@ class LatentImageSpec(ModelSpec):
     def __init__(self):
         self._vaes: dict = {}
 
+    # Model args filled from data.source (pixel space): name -> what of the data it is.
+    DATA_ARGS: ClassVar[dict[str, str]] = {}
+
+    def fit_data(self, raw: dict, shape: tuple[int, int, int], num_classes: int, where: str) -> dict:
+        """model.args completed from the real data (channels, size, classes): a value the config
+        gives must agree with the data."""
+        c, h, w = shape
+        if h != w:
+            raise NeonError(f"{where}: data.source has {h}x{w} images; the image models need square images")
+        found = {"channels": c, "image_size": h, "num_classes": num_classes}
+        for key, what in self.DATA_ARGS.items():
+            if raw.get("vae", "") != NO_VAE and key != "num_classes":
+                continue  # latent models: the image size is the VAE's business
+            if key in raw and raw[key] != found[what]:
+                raise NeonError(f"{where}: 'model.args.{key}' = {raw[key]!r} but data.source has {found[what]} "
+                                f"({what.replace('_', ' ')})")
+            raw[key] = found[what]
+        return raw
+
+    def pixel_space(self, args) -> bool:
+        return args.vae == NO_VAE
+
+    def from_images(self, images: torch.Tensor, args) -> dict[str, torch.Tensor]:
+        """Real uint8 images [n, C, H, W] -> the network's training input {"x"} (pixel space only)."""
+        if not self.pixel_space(args):
+            raise NeonError(f"model {self.name!r}: training from scratch on data.source needs pixel space "
+                            f"(model.args.vae: {NO_VAE}); latent training data is not supported")
+        return {"x": images.float() / 127.5 - 1.0}
+
     def validate(self, args, where: str) -> None:
+        if args.vae == NO_VAE:
+            if "channels" not in self.DATA_ARGS:
+                raise NeonError(f"{where}: 'model.args.vae' = {NO_VAE!r}: model {self.name!r} has no pixel-space form")
+            return
         if args.vae != RANDOM_VAE and not os.path.exists(args.vae or ""):
             what = "Stable Diffusion VAE (sd-vae-ft-ema/-mse folder)" if self.vae_kind == "sd" else \
                 "MAR KL-16 VAE (kl16.ckpt)"
-            raise NeonError(f"{where}: 'model.args.vae' = {args.vae!r}: file not found ({what}; or "
-                            f"'{RANDOM_VAE}' for a small random VAE)")
+            raise NeonError(f"{where}: 'model.args.vae' = {args.vae!r}: file not found ({what}; "
+                            f"'{NO_VAE}' for pixel space, or '{RANDOM_VAE}' for a small random VAE)")
 
     def vae(self, args, device: torch.device):
         """The configured VAE on `device`, built once per (file, device)."""
@@ -60,8 +94,11 @@ class LatentImageSpec(ModelSpec):
         return self._vaes[key]
 
     def images(self, samples: dict[str, torch.Tensor], args) -> torch.Tensor:
-        latents = samples["x"]
-        return self.vae(args, latents.device).decode(latents)
+        """uint8 [n, C, H, W]: decoded latents, or (pixel space) x in [-1, 1] rounded to 0..255."""
+        x = samples["x"]
+        if self.pixel_space(args):
+            return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return self.vae(args, x.device).decode(x)
 
     def null_class(self, args) -> int:
         return args.num_classes

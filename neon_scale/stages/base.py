@@ -1,16 +1,27 @@
 """Stage `base`: theta_r on disk as safetensors.
 
 With `base.weights` the file is validated against the model and copied into the run; without,
-the model is trained from scratch on its built-in real data (the toys), on rank 0.
+the model is trained from scratch: the toys on their built-in real data (full-batch Adam on rank 0,
+the paper's appendix recipe); image models on the training split of `data.source`, by the same
+DeepSpeed trainer as the fine-tune (stages/train.py: ZeRO, EMA, checkpoints, exact resume), every
+rank taking part. The split is written once as shards in base/real/; the trainer's checkpoints and
+metrics.jsonl live in base/train/.
 """
 from __future__ import annotations
+
+import dataclasses
+import pathlib
 
 import torch
 
 from .. import dist, rng
 from ..console import log, progress
-from ..io import load_into, load_state_dict, save_state_dict
+from ..data.real import load_real
+from ..data.shards import MANIFEST, shard_name, write_shard
+from ..io import load_into, load_state_dict, save_state_dict, write_json
 from .common import RunContext, StageDir
+
+SHARD_SIZE = 1000  # real images per shard of base/real/
 
 
 def train_from_scratch(ctx: RunContext) -> dict[str, torch.Tensor]:
@@ -37,13 +48,54 @@ def train_from_scratch(ctx: RunContext) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def real_split_shards(ctx: RunContext) -> pathlib.Path:
+    """The training split of data.source as the trainer's input: shards of the network's input
+    ("x") and labels ("cls") in base/real/ (rank 0 writes, every rank waits)."""
+    out = ctx.run_dir / "base" / "real"
+    if dist.is_main() and not (out / MANIFEST).is_file():
+        real = load_real(ctx.cfg.data.source)
+        train_idx, _ = real.split(ctx.cfg.data.holdout, ctx.cfg.data.seed)
+        samples = {**ctx.spec.from_images(real.images[train_idx], ctx.model_args()), "cls": real.labels[train_idx]}
+        out.mkdir(parents=True, exist_ok=True)
+        shards = []
+        for c, start in enumerate(range(0, len(train_idx), SHARD_SIZE)):
+            part = {k: v[start:start + SHARD_SIZE] for k, v in samples.items()}
+            write_shard(out / shard_name(c), part, {"data": ctx.cfg.data.source}, key_prefix=f"{c:06d}")
+            shards.append({"name": shard_name(c), "count": len(part["cls"])})
+        write_json(out / MANIFEST, {"data": ctx.cfg.data.source, "n": len(train_idx), "shards": shards})
+    dist.barrier()
+    return out
+
+
+def train_on_real(ctx: RunContext) -> None:
+    """theta_r of an image model trained from scratch on data.source by the DeepSpeed trainer."""
+    from .train import run_trainer
+
+    base, cfg = ctx.cfg.base, ctx.cfg.base.train
+    # base.seed sets the initialisation and, with base.train.seed, the trainer's data order and noise
+    cfg = dataclasses.replace(cfg, seed=rng.seed_of("base", base.seed, cfg.seed))
+    data_dir = real_split_shards(ctx)
+    final = max(cfg.save_steps)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(rng.seed_of(base.seed, "init"))
+        return ctx.spec.build(ctx.model_args()).to(dist.device()).train()
+
+    def export(step: int) -> pathlib.Path:
+        return ctx.base_weights() if step == final else ctx.run_dir / "base" / f"theta_r-step{step:06d}.safetensors"
+
+    run_trainer(ctx, cfg, build, data_dir, ctx.run_dir / "base" / "train", "base", export)
+
+
 def run(ctx: RunContext) -> None:
     stage = StageDir(ctx.run_dir / "base", ctx.fingerprint("base"), "base")
     if stage.is_done():
         log("base: complete, skipped")
         return
     stage.prepare()
-    if dist.is_main():
+    if ctx.cfg.data.source is not None and not ctx.cfg.base.weights and not ctx.cfg.base.random_init:
+        train_on_real(ctx)
+    elif dist.is_main():
         if ctx.cfg.base.weights:
             state = load_state_dict(ctx.cfg.base.weights, ctx.cfg.base.weights_key)
             load_into(ctx.spec.build(ctx.model_args()), state, ctx.cfg.base.weights)

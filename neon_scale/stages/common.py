@@ -27,8 +27,10 @@ _OPERATIONAL = {"log_every", "ckpt_every_images", "keep_last", "skip_bad"}
 
 
 def _section(obj) -> dict:
-    d = dataclasses.asdict(obj)
-    return {k: v for k, v in d.items() if k not in _OPERATIONAL}
+    def strip(d):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k not in _OPERATIONAL}
+
+    return strip(dataclasses.asdict(obj))
 
 
 def _hash(*parts) -> str:
@@ -51,7 +53,12 @@ class RunContext:
 
     def fingerprint(self, stage: str) -> str:
         c = self.cfg
-        base = _hash(_section(c.model), _section(c.base) if c.base.weights is None else {"weights": c.base.weights, "key": c.base.weights_key})
+        if stage == "metric":  # the metric's backbone and reference: data and eval settings only
+            ev = c.eval
+            return _hash(_section(c.data), ev.features, ev.inception_weights, ev.dinov2_weights, ev.classifier_weights,
+                         ev.ref_stats, ev.ref_split)
+        base = _hash(_section(c.model), _section(c.base) if c.base.weights is None else {"weights": c.base.weights, "key": c.base.weights_key},
+                     _section(c.data))
         if stage == "base":
             return base
         synth = _hash(base, _section(c.synth))

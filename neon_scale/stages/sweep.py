@@ -4,20 +4,29 @@ The merge is done in place on the live model by neon_scale.merge.inplace (Delta 
 
 Every evaluated point is appended to sweep/results.jsonl (rewritten atomically), which doubles as
 the cache that makes a killed sweep resume where it stopped. w = 0 is the base model: evaluated
-once and shared by all checkpoints. Outputs: results.jsonl, summary.json, fid_vs_w.png.
+once and shared by all checkpoints. Outputs: results.jsonl, summary.json, fid_vs_w.png, and for
+image models samples.png (a row per class at w = 0 and at each checkpoint's best w, same noise).
+
+Image models are measured with the backbone of `eval.features` against reference statistics
+(stages/metric.py prepares both). `sweep.repeats` > 0 re-evaluates w = 0 and the best w, each at
+its best guidance, with that many fresh evaluation seeds (not the one the selection used, so the
+selection's luck does not bias them): mean, standard error, and the paired difference.
 """
 from __future__ import annotations
 
 import json
+import math
 
+import torch
 from rich.table import Table
 
-from .. import dist
+from .. import dist, rng
 from ..console import console, log, progress
 from ..io import atomic_path, load_state_dict, write_json, write_text
 from ..merge.inplace import Extrapolator, module_slots
 from ..metrics.sample_eval import SampleMetric, evaluate
 from ..sweep import search
+from . import metric as metric_stage
 from .common import RunContext, StageDir
 
 
@@ -40,13 +49,13 @@ class PointStore:
     @staticmethod
     def eval_key(row) -> tuple:
         source = "base" if row["w"] == 0 else row["checkpoint"]
-        return source, row["w"], row.get("guidance"), row["n"]
+        return source, row["w"], row.get("guidance"), row["n"], row.get("seed")
 
     def cached(self, row) -> float | None:
         return self.metrics.get(self.eval_key(row))
 
     def add(self, row: dict, persist: bool = True) -> None:
-        key = (row["checkpoint"], row["w"], row.get("guidance"), row["n"])
+        key = (row["checkpoint"], row["w"], row.get("guidance"), row["n"], row.get("seed"))
         if key in self.rows:
             return
         self.rows[key] = row
@@ -64,14 +73,16 @@ def _plot(summary: list[dict], store: PointStore, path, metric_name: str) -> Non
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in summary:
         by_w: dict[float, float] = {}
-        for (ckpt, w, _g, n), row in store.rows.items():
-            if ckpt == s["checkpoint"] and n == s["n"]:
+        for (ckpt, w, _g, n, seed), row in store.rows.items():
+            if ckpt == s["checkpoint"] and n == s["n"] and seed is None:
                 by_w[w] = min(row["metric"], by_w.get(w, float("inf")))
         ws = sorted(by_w)
-        ax.plot(ws, [by_w[w] for w in ws], marker="o", ms=3, label=s["checkpoint"])
+        line, = ax.plot(ws, [by_w[w] for w in ws], marker="o", ms=3, label=s["checkpoint"])
+        ax.plot([s["best_w"]], [s["best_metric"]], marker="*", ms=12, color=line.get_color(), mec="black", mew=0.5)
     ax.set_yscale("log")
-    ax.set_xlabel("w  (theta_r + w (theta_r - theta_s))")
-    ax.set_ylabel(metric_name)
+    ax.set_xlabel("w  (theta_neon = theta_r + w (theta_r - theta_s))")
+    ax.set_ylabel(f"{metric_name} (best over guidance; lower is better)")
+    ax.set_title(f"Neon sweep: {metric_name} vs w per fine-tune checkpoint (star: chosen point)", fontsize=9)
     ax.axvline(0.0, color="gray", lw=0.5)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
@@ -81,67 +92,171 @@ def _plot(summary: list[dict], store: PointStore, path, metric_name: str) -> Non
     plt.close(fig)
 
 
+def _samples_picture(panels: list[tuple[str, torch.Tensor]], num_classes: int, per_class: int, path) -> None:
+    """One panel per (title, uint8 images [num_classes * per_class, C, H, W] in class-major order):
+    a row per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels) * per_class / 8 + 0.5, 2.4 * num_classes / 8 + 0.6))
+    for ax, (title, images) in zip(list(getattr(axes, "flat", [axes])), panels):
+        c, h, w = images.shape[1:]
+        grid = images.reshape(num_classes, per_class, c, h, w).permute(0, 3, 1, 4, 2).reshape(num_classes * h,
+                                                                                          per_class * w, c)
+        ax.imshow(grid.squeeze(-1).numpy() if c == 1 else grid.numpy(), cmap="gray" if c == 1 else None,
+                  interpolation="nearest", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([h * (i + 0.5) for i in range(num_classes)], [str(i) for i in range(num_classes)], fontsize=6)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
+    plt.close(fig)
+
+
+def _mean_se(values: list[float]) -> dict:
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return {"mean": mean, "se": sd / math.sqrt(n), "values": values}
+
+
 def print_summary(summary: list[dict], metric_name: str) -> None:
     if not dist.is_main():
         return
+    repeats = any("repeats" in s for s in summary)
     table = Table(title=f"Neon sweep ({metric_name}, lower is better)")
-    for col in ("checkpoint", "steps", f"{metric_name} @ w=0", "best w", f"best {metric_name}", "ratio"):
-        table.add_column(col, justify="left" if col == "checkpoint" else "right")
+    cols = ["checkpoint", "steps", f"{metric_name} @ w=0", "best w", f"best {metric_name}", "ratio"]
+    if repeats:
+        cols += ["w=0 (repeats)", "best (repeats)", "difference", "diff / se"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "checkpoint" else "right", overflow="fold")
     for s in summary:
         best = s["best_w"] if s.get("best_guidance") is None else f"{s['best_w']} (g={s['best_guidance']})"
-        table.add_row(s["checkpoint"], str(s["steps"]), f"{s['metric_w0']:.4f}", str(best),
-                      f"{s['best_metric']:.4f}", f"{s['best_metric'] / s['metric_w0']:.3f}")
+        row = [s["checkpoint"], str(s["steps"]), f"{s['metric_w0']:.4f}", str(best), f"{s['best_metric']:.4f}",
+               f"{s['best_metric'] / s['metric_w0']:.3f}"]
+        if repeats and "repeats" in s:
+            r = s["repeats"]
+            row += [f"{r['w0']['mean']:.4f} +- {r['w0']['se']:.4f}", f"{r['best']['mean']:.4f} +- {r['best']['se']:.4f}",
+                    f"{r['diff']['mean']:+.4f} +- {r['diff']['se']:.4f}",
+                    f"{r['diff']['mean'] / r['diff']['se']:+.1f}" if r["diff"]["se"] > 0 else "-"]
+        table.add_row(*row)
     console.print(table)
+
+
+def _metric_name(ctx: RunContext) -> str:
+    from ..metrics.backbones import METRIC_NAMES
+
+    return METRIC_NAMES[ctx.cfg.eval.features] if ctx.spec.makes_images else ctx.spec.metric_name
 
 
 def run(ctx: RunContext) -> None:
     cfg = ctx.cfg
+    metric_name = _metric_name(ctx)
     stage = StageDir(ctx.run_dir / "sweep", ctx.fingerprint("sweep"), "sweep")
     summary_path = stage.path / "summary.json"
     if stage.is_done():
         log("sweep: complete, skipped")
-        print_summary(json.loads(summary_path.read_text()), ctx.spec.metric_name)
+        print_summary(json.loads(summary_path.read_text()), metric_name)
         return
+    sw, ev = cfg.sweep, cfg.eval
+    # ------------------------------------------------------------------ Metric
+    if ctx.spec.makes_images:
+        from ..metrics.backbones import load_backbone
+
+        weights, ref, _info = metric_stage.prepare(ctx)
+        sample_metric = SampleMetric(ctx.spec, load_backbone(ev.features, weights, batch_size=ev.batch_size), ref,
+                                     ctx.model_args())
+    else:
+        sample_metric = SampleMetric(ctx.spec)
     stage.prepare(keep_fingerprint=ctx.fingerprint("eval"))
     store = PointStore(stage.path / "results.jsonl")
     base_state = load_state_dict(ctx.base_weights())
     model = ctx.load_model(ctx.base_weights())
-    sw, ev = cfg.sweep, cfg.eval
-    sample_metric = SampleMetric(ctx.spec, ev, ctx.model_args())
-    summary = []
+    summary, pictures = [], []
     checkpoints = ctx.checkpoints()
+    # ------------------------------------------------------------------ Sweep each checkpoint
     with progress("sweep", len(checkpoints)) as bar:
         for ckpt in checkpoints:
             # theta_r and Delta kept per tensor: each w is one pass over the weights, not a reload
             extrapolator = Extrapolator(module_slots(model, base_state, load_state_dict(ckpt["path"])))
 
-            def metric_at(w, g, n=ev.n, ckpt=ckpt, extrapolator=extrapolator):
+            def eval_sampler_at(g):
+                sampler = dict(ev.sampler)
+                if sw.guidance_key is not None:
+                    sampler[sw.guidance_key] = g
+                return sampler
+
+            def metric_at(w, g, n=ev.n, seed=None, ckpt=ckpt, extrapolator=extrapolator):
                 row = {"checkpoint": ckpt["name"], "steps": ckpt["steps"], "sampler": ckpt["sampler"], "w": w, "n": n}
-                eval_sampler = dict(ev.sampler)
                 if sw.guidance_key is not None:
                     row["guidance"] = g
-                    eval_sampler[sw.guidance_key] = g
+                if seed is not None:
+                    row["seed"] = seed
+                eval_sampler = eval_sampler_at(g)
                 metric = store.cached(row)
                 if metric is None:
                     extrapolator.set_w(w)
-                    metric = evaluate(sample_metric, model, ctx.spec.parse_sampler(eval_sampler), n, ev.seed, ev.chunk)
-                store.add({**row, "eval_sampler": eval_sampler, "metric_name": ctx.spec.metric_name, "metric": metric})
+                    metric = evaluate(sample_metric, model, ctx.spec.parse_sampler(eval_sampler), n,
+                                      ev.seed if seed is None else seed, ev.chunk)
+                store.add({**row, "eval_sampler": eval_sampler, "metric_name": metric_name, "metric": metric})
                 return metric
 
             (bw, bg), best, seen = search(metric_at, sw.w_grid(), sw.guidance, mode=sw.mode, tol=sw.tol,
                                           refine_w=sw.refine_w, refine_guidance=sw.refine_guidance)
+            (_, g0), m0 = min(((k, m) for k, m in seen.items() if k[0] == 0.0), key=lambda km: km[1])
             entry = {"checkpoint": ckpt["name"], "steps": ckpt["steps"], "sampler": ckpt["sampler"],
-                     "metric_w0": min(m for (w, _g), m in seen.items() if w == 0.0),
-                     "best_w": bw, "best_metric": best, "n": ev.n, "points": len(seen)}
+                     "metric_w0": m0, "best_w": bw, "best_metric": best, "n": ev.n, "points": len(seen)}
             if sw.guidance_key is not None:
-                entry["best_guidance"] = bg
+                entry["best_guidance"], entry["guidance_w0"] = bg, g0
             if sw.final_n:
                 entry["final_n"] = sw.final_n
                 entry["final_metric"] = metric_at(bw, bg, n=sw.final_n)
+            # ---------------------------------------------------------- Repeats: error bars
+            if sw.repeats:
+                seeds = [rng.seed_of(ev.seed, "repeat", r) for r in range(sw.repeats)]
+                at_zero = [metric_at(0.0, g0, seed=sd) for sd in seeds]
+                at_best = [metric_at(bw, bg, seed=sd) for sd in seeds]
+                entry["repeats"] = {"seeds": len(seeds), "w0": _mean_se(at_zero), "best": _mean_se(at_best),
+                                    "diff": _mean_se([b - z for b, z in zip(at_best, at_zero)])}
+            if ctx.spec.makes_images and dist.is_main():  # drawn now: each Delta is held only in its turn
+                if not pictures:
+                    pictures.append(_panel(ctx, model, extrapolator, 0.0, entry.get("guidance_w0"), "w = 0"))
+                pictures.append(_panel(ctx, model, extrapolator, bw, bg, f"{ckpt['name']}\nbest w = {bw}"))
             summary.append(entry)
             bar.update(info=f"{ckpt['name']}: best w {bw} ({best:.4f})")
+    # ------------------------------------------------------------------ Report
     if dist.is_main():
+        if pictures:
+            _samples_picture(pictures, _num_classes(ctx), PER_CLASS, stage.path / "samples.png")
         write_json(summary_path, summary)
-        _plot(summary, store, stage.path / "fid_vs_w.png", ctx.spec.metric_name)
+        _plot(summary, store, stage.path / "fid_vs_w.png", metric_name)
     stage.mark_done()
-    print_summary(summary, ctx.spec.metric_name)
+    print_summary(summary, metric_name)
+
+
+PER_CLASS = 8  # samples per class row of samples.png
+
+
+def _num_classes(ctx: RunContext) -> int:
+    return ctx.spec.null_class(ctx.model_args()) or 1
+
+
+@torch.no_grad()
+def _panel(ctx: RunContext, model, extrapolator, w: float, g, title: str) -> tuple[str, torch.Tensor]:
+    """(title, images) for samples.png: PER_CLASS samples of every class at (w, guidance), class-major,
+    always from the same noise."""
+    cfg = ctx.cfg
+    num_classes = _num_classes(ctx)
+    n = num_classes * PER_CLASS
+    extrapolator.set_w(w)
+    sampler = dict(cfg.eval.sampler)
+    if cfg.sweep.guidance_key is not None:
+        sampler[cfg.sweep.guidance_key] = g
+        title += f", {cfg.sweep.guidance_key} {g}"
+    samples = ctx.spec.sample(model, n, rng.generator(cfg.eval.seed, "picture"), ctx.spec.parse_sampler(sampler))
+    images = ctx.spec.images(samples, ctx.model_args()).cpu()
+    # sample i has class i mod num_classes: reorder to a row per class
+    return title, images.reshape(PER_CLASS, num_classes, *images.shape[1:]).transpose(0, 1).reshape(n, *images.shape[1:])

@@ -12,13 +12,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pathlib
 import time
+from typing import Callable
 
 import torch
 
 from .. import dist, rng
 from ..console import log, progress
 from ..data.stream import MicroBatchLoader
+from ..config import TrainConfig
 from ..errors import NeonError
 from ..io import save_state_dict, write_json, write_text
 from ..train import checkpoint
@@ -50,16 +53,25 @@ def _grad_norm_before_step(engine) -> float | None:
 
 
 def finetune(ctx: RunContext, settings: dict) -> None:
-    cfg = ctx.cfg.train
-    out_dir, ckpt_dir = ctx.train_dir(settings), ctx.train_dir(settings) / "ckpt"
-    tag = sampler_tag(settings)
+    """theta_r fine-tuned on the synthetic set of one sampler setting -> theta_s at every save step."""
+    out_dir = ctx.train_dir(settings)
+    run_trainer(ctx, ctx.cfg.train, lambda: ctx.load_model(ctx.base_weights()).train(), ctx.synth_dir(settings),
+                out_dir, sampler_tag(settings), lambda step: out_dir / f"theta_s-step{step:06d}.safetensors")
+
+
+def run_trainer(ctx: RunContext, cfg: TrainConfig, build: Callable[[], torch.nn.Module], data_dir: pathlib.Path,
+                out_dir: pathlib.Path, tag: str, export: Callable[[int], pathlib.Path]) -> None:
+    """The one DeepSpeed trainer (fine-tunes, and image bases trained from scratch): the model that
+    `build()` returns, trained on the shards of `data_dir` with `cfg`; its weights (the EMA when on)
+    written to `export(step)` at every save step; checkpoints, metrics.jsonl and done.json in `out_dir`."""
+    ckpt_dir = out_dir / "ckpt"
     save_steps = sorted(set(cfg.save_steps))
     if (out_dir / "done.json").is_file():
         log(f"train {tag}: complete, skipped")
         return
     rank, world = dist.rank(), dist.world()
     micro = micro_batch_size(cfg, world)
-    model = ctx.load_model(ctx.base_weights()).train()
+    model = build()
     if cfg.activation_checkpointing:
         ctx.spec.enable_activation_checkpointing(model)
     null = ctx.spec.null_class(ctx.spec.parse_args(ctx.cfg.model.args)) if cfg.label_dropout > 0 else None
@@ -69,7 +81,7 @@ def finetune(ctx: RunContext, settings: dict) -> None:
     start = int(state.get("step", 0))
     if start:
         log(f"train {tag}: resuming from step {start} ({start * cfg.global_batch} images seen)")
-    loader = MicroBatchLoader(ctx.synth_dir(settings), micro, cfg.seed, rank, world, cfg.workers, cfg.skip_bad,
+    loader = MicroBatchLoader(data_dir, micro, cfg.seed, rank, world, cfg.workers, cfg.skip_bad,
                               state.get("loader"))
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = out_dir / "metrics.jsonl"
@@ -123,7 +135,7 @@ def finetune(ctx: RunContext, settings: dict) -> None:
                 with ema.swapped_in() if ema is not None else contextlib.nullcontext():
                     state_dict = full_fp32_state_dict(engine)
                 if dist.is_main():
-                    save_state_dict(out_dir / f"theta_s-step{done:06d}.safetensors", state_dict,
+                    save_state_dict(export(done), state_dict,
                                     {"step": done, "sampler": tag, "weights": "ema" if ema else "model"})
             every = cfg.ckpt_every_images
             crossed = every > 0 and (done * cfg.global_batch) // every > (step * cfg.global_batch) // every
@@ -132,7 +144,7 @@ def finetune(ctx: RunContext, settings: dict) -> None:
     bad = int(dist.all_reduce_sum(torch.tensor([loader.bad], dtype=torch.float64)).item())
     if dist.is_main():
         write_json(out_dir / "done.json", {"steps": save_steps, "bad_records": bad})
-    log(f"train {tag}: theta_s at steps {save_steps} -> {out_dir}")
+    log(f"train {tag}: weights at steps {save_steps} -> {export(save_steps[-1]).parent}")
 
 
 def run(ctx: RunContext) -> None:

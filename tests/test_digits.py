@@ -1,0 +1,188 @@
+"""Real images as a pipeline input: scikit-learn's digits (and class folders of PNGs) through a
+pixel-space DiT trained from scratch by the DeepSpeed trainer, a classifier feature backbone, the
+Neon sweep with repeated evaluation seeds, and the pictures; bad real-data input is one line."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from neon_scale.data.real import load_real
+from neon_scale.data.shards import read_shards
+from neon_scale.io import load_state_dict
+from neon_scale.metrics.classifier import ClassifierFeatures, load_classifier, save_classifier, train_classifier
+
+from .conftest import LAUNCHER, ROOT, neon, torchrun
+from .test_cli import assert_one_line_error
+
+CONFIG = ROOT / "configs" / "digits_dit.yaml"
+# The shipped config, shrunk to seconds: same stages and code paths.
+SMALL = ["model.args.hidden_size=32", "model.args.depth=1", "model.args.num_heads=2",
+         "base.train.save_steps=[6,12]", "base.train.global_batch=32", "base.train.ckpt_every_images=128",
+         "base.train.log_every=3",
+         "synth.n=40", "synth.shard_size=20", "synth.batch_size=20",
+         "train.save_steps=[3]", "train.global_batch=16", "train.log_every=1",
+         "eval.n=60", "eval.chunk=30", "eval.sampler={method: ddim, steps: 4}",
+         "synth.samplers=[{method: ddim, steps: 4, cfg: 3.0}, {method: ddim, steps: 4, cfg: 0.5}]",
+         "sweep.w_min=-0.5", "sweep.w_max=0.5", "sweep.guidance=[1.0, 2.0]", "sweep.repeats=2"]
+
+
+def _sets(*items):
+    out = []
+    for item in items:
+        out += ["--set", item]
+    return out
+
+
+def _digit_folder(root, per_class=8, classes=3, size=None):
+    """Class sub-folders of real digit PNGs (grey, 8x8 scaled to 0..255)."""
+    real = load_real("digits")
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True)
+        idx = (real.labels == c).nonzero().flatten()[:per_class]
+        for k, i in enumerate(idx.tolist()):
+            Image.fromarray(real.images[i, 0].numpy()).save(folder / f"{k:03d}.png")
+    return root
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def test_builtin_digits_and_split():
+    real = load_real("digits")
+    assert real.images.shape == (1797, 1, 8, 8) and real.images.dtype == torch.uint8 and real.num_classes == 10
+    assert int(real.images.max()) == 255  # 16 -> 255
+    train, held = real.split(0.2, seed=0)
+    assert len(train) + len(held) == 1797 and not set(train.tolist()) & set(held.tolist())
+    for c in range(10):  # a fixed fraction of every class is held out
+        members = int((real.labels == c).sum())
+        assert int((real.labels[held] == c).sum()) == round(0.2 * members)
+    assert torch.equal(real.split(0.2, seed=0)[1], held) and not torch.equal(real.split(0.2, seed=1)[1], held)
+
+
+def test_class_folder_source(tmp_path):
+    real = load_real(str(_digit_folder(tmp_path / "d")))
+    assert real.images.shape == (24, 1, 8, 8) and real.num_classes == 3
+    assert real.labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8
+
+
+# ------------------------------------------------------------------------------------- classifier
+
+def test_classifier_backbone_reaches_stated_accuracy(tmp_path):
+    """The classifier the sweep trains on the digits' training split: >= 95 % held-out accuracy
+    (measured 99.4 % with the default split), saved and reloaded with the same features."""
+    real = load_real("digits")
+    train, held = real.split(0.2, seed=0)
+    net, acc = train_classifier(real.images[train], real.labels[train], real.images[held], real.labels[held], 10)
+    assert acc >= 0.95, acc
+    save_classifier(tmp_path / "c.safetensors", net, acc, "digits")
+    loaded, meta = load_classifier(tmp_path / "c.safetensors")
+    assert float(meta["heldout_accuracy"]) == pytest.approx(acc)
+    backbone = ClassifierFeatures(str(tmp_path / "c.safetensors"), batch_size=100)
+    feats, logits = backbone(real.images[held])
+    assert feats.shape == (len(held), backbone.dim) and torch.isfinite(feats).all()
+    assert (logits.argmax(1) == real.labels[held]).double().mean().item() == pytest.approx(acc)
+    rgb, _ = backbone(real.images[held].repeat(1, 3, 1, 1))  # grey PNGs decoded as RGB: same features
+    assert torch.equal(rgb, feats)
+
+
+# -------------------------------------------------------------------------------------- pipeline
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("digits") / "run"
+    proc = neon("run", "--config", str(CONFIG), "--run-dir", str(run_dir), *_sets(*SMALL), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc.stdout
+
+
+def test_pixel_dit_through_every_stage(digits_run):
+    run_dir, out = digits_run
+    cfg = (run_dir / "config.yaml").read_text()
+    assert "image_size: 8" in cfg and "channels: 1" in cfg and "num_classes: 10" in cfg  # from the data
+    # base: the DeepSpeed trainer on the real training split, checkpoints and metrics as the fine-tune's
+    manifest = json.loads((run_dir / "base" / "real" / "manifest.json").read_text())
+    assert manifest["n"] == 1438  # 1797 less round(0.2 x count) of each class
+    real = read_shards(sorted((run_dir / "base" / "real").glob("shard-*.tar")))
+    assert real["x"].shape == (1438, 1, 8, 8) and real["x"].min() >= -1 and real["x"].max() <= 1
+    rows = [json.loads(ln) for ln in (run_dir / "base" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 9, 12]
+    assert (run_dir / "base" / "theta_r-step000006.safetensors").is_file()
+    base = load_state_dict(run_dir / "base" / "model.safetensors")
+    assert base["x_embedder.proj.weight"].shape == (32, 1, 4, 4)  # pixel space: 1 input channel, patch 4
+    # metric: the classifier and the reference statistics, prepared once
+    done = json.loads((run_dir / "metric" / "done.json").read_text())
+    assert done["heldout_accuracy"] > 0.9 and done["ref_images"] == 1438
+    assert "held-out accuracy" in out
+    # sweep: both sampler settings, repeats with standard errors, both pictures
+    summary = json.loads((run_dir / "sweep" / "summary.json").read_text())
+    assert [s["sampler"]["cfg"] for s in summary] == [3.0, 0.5]
+    for s in summary:
+        r = s["repeats"]
+        assert r["seeds"] == 2 and len(r["w0"]["values"]) == 2 and r["w0"]["se"] >= 0
+        assert r["diff"]["mean"] == pytest.approx(r["best"]["mean"] - r["w0"]["mean"])
+        assert s["best_guidance"] in (1.0, 2.0) and s["guidance_w0"] in (1.0, 2.0)
+    for picture in ("samples.png", "fid_vs_w.png"):
+        with Image.open(run_dir / "sweep" / picture) as img:
+            assert img.size[0] > 200
+    assert "fd_classifier" in out
+
+
+def test_rerun_skips_everything(digits_run):
+    run_dir, _ = digits_run
+    proc = neon("run", "--config", str(CONFIG), "--run-dir", str(run_dir), *_sets(*SMALL))
+    assert proc.returncode == 0, proc.stderr
+    for stage in ("base", "synth", "train", "sweep"):
+        assert f"{stage}: complete, skipped" in proc.stdout
+
+
+def test_two_ranks_train_the_base_on_a_class_folder(tmp_path):
+    folder = _digit_folder(tmp_path / "digits")
+    run_dir = tmp_path / "run"
+    proc = torchrun(LAUNCHER, "--config", str(CONFIG), "--run-dir", str(run_dir), "--stage", "base",
+                    *_sets(*SMALL, f"data.source={folder}", "data.holdout=0.25"), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((run_dir / "base" / "real" / "manifest.json").read_text())["n"] == 18
+    state = load_state_dict(run_dir / "base" / "model.safetensors")
+    assert state["y_embedder.embedding_table.weight"].shape[0] == 4  # 3 classes + the null class
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+def test_folder_with_mixed_sizes_is_one_line(tmp_path):
+    folder = _digit_folder(tmp_path / "d")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(folder / "class_1" / "zz.png")
+    proc = neon("run", "--config", str(CONFIG), "--run-dir", str(tmp_path / "r"), "--set", f"data.source={folder}")
+    assert_one_line_error(proc, "zz.png", "[1, 10, 10]", "[1, 8, 8]", "same size")
+    assert not (tmp_path / "r").exists()
+
+
+def test_folder_without_images_is_one_line(tmp_path):
+    (tmp_path / "d" / "empty_class").mkdir(parents=True)
+    proc = neon("run", "--config", str(CONFIG), "--run-dir", str(tmp_path / "r"), "--set",
+                f"data.source={tmp_path / 'd'}")
+    assert_one_line_error(proc, str(tmp_path / "d"), "no images")
+    proc = neon("run", "--config", str(CONFIG), "--run-dir", str(tmp_path / "r"), "--set",
+                f"data.source={tmp_path / 'nowhere'}")
+    assert_one_line_error(proc, "data.source", "nowhere", "digits")
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_dinov2_weights_is_one_line(tmp_path):
+    proc = neon("run", "--config", str(CONFIG), "--run-dir", str(tmp_path / "r"), "--set", "eval.features=dinov2",
+                "--set", f"eval.dinov2_weights={tmp_path / 'dinov2_vitl14_pretrain.pth'}")
+    assert_one_line_error(proc, "eval.dinov2_weights", "dinov2_vitl14_pretrain.pth", "file not found")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("model.args.image_size=16", ["model.args.image_size", "16", "data.source has 8"]),
+    ("model.args.num_classes=7", ["model.args.num_classes", "7", "data.source has 10"]),
+    ("base.train=null", ["'base.train' is required", "digits"]),
+    ("model.args.vae=random", ["training from scratch", "pixel space"]),
+])
+def test_config_errors(tmp_path, override, needles):
+    proc = neon("run", "--config", str(CONFIG), "--run-dir", str(tmp_path / "r"), "--set", override)
+    assert_one_line_error(proc, *needles)
