@@ -25,7 +25,8 @@ SMALL = ["model.args.hidden_size=32", "model.args.depth=1", "model.args.num_head
          "train.save_steps=[3]", "train.global_batch=16", "train.log_every=1",
          "eval.n=60", "eval.chunk=30", "eval.sampler={method: ddim, steps: 4}",
          "synth.samplers=[{method: ddim, steps: 4, cfg: 3.0}, {method: ddim, steps: 4, cfg: 0.5}]",
-         "sweep.w_min=-0.5", "sweep.w_max=0.5", "sweep.guidance=[1.0, 2.0]", "sweep.repeats=2"]
+         "sweep.mode=grid", "sweep.w_min=-0.5", "sweep.w_max=0.5", "sweep.w_step=0.5", "sweep.guidance=[1.0, 2.0]",
+         "sweep.refine_w=0", "sweep.repeats=2"]
 
 
 def _sets(*items):

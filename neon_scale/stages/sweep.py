@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 
 import torch
 from rich.table import Table
@@ -107,7 +108,7 @@ def _samples_picture(panels: list[tuple[str, torch.Tensor]], num_classes: int, p
                                                                                           per_class * w, c)
         ax.imshow(grid.squeeze(-1).numpy() if c == 1 else grid.numpy(), cmap="gray" if c == 1 else None,
                   interpolation="nearest", vmin=0, vmax=255)
-        ax.set_title(title, fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(title, 26)), fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([h * (i + 0.5) for i in range(num_classes)], [str(i) for i in range(num_classes)], fontsize=6)
     fig.tight_layout()
@@ -126,24 +127,34 @@ def _mean_se(values: list[float]) -> dict:
 def print_summary(summary: list[dict], metric_name: str) -> None:
     if not dist.is_main():
         return
-    repeats = any("repeats" in s for s in summary)
-    table = Table(title=f"Neon sweep ({metric_name}, lower is better)")
-    cols = ["checkpoint", "steps", f"{metric_name} @ w=0", "best w", f"best {metric_name}", "ratio"]
+    repeats = all("repeats" in s for s in summary) and summary
+    table = Table(title=f"Neon sweep ({metric_name}, lower is better" +
+                  (f"; repeats: mean +- standard error over {summary[0]['repeats']['seeds']} evaluation seeds)"
+                   if repeats else ")"))
+    cols = ["checkpoint", "w=0", "best w", f"{metric_name} @ w=0", f"best {metric_name}", "ratio"]
     if repeats:
-        cols += ["w=0 (repeats)", "best (repeats)", "difference", "diff / se"]
+        cols += ["difference (repeats)", "z"]
     for col in cols:
-        table.add_column(col, justify="left" if col == "checkpoint" else "right", overflow="fold")
+        table.add_column(col, justify="left" if col == "checkpoint" else "right")
+
+    def point(w, g):
+        return str(w) if g is None else f"{w} (g {g})"
+
     for s in summary:
-        best = s["best_w"] if s.get("best_guidance") is None else f"{s['best_w']} (g={s['best_guidance']})"
-        row = [s["checkpoint"], str(s["steps"]), f"{s['metric_w0']:.4f}", str(best), f"{s['best_metric']:.4f}",
-               f"{s['best_metric'] / s['metric_w0']:.3f}"]
-        if repeats and "repeats" in s:
+        if repeats:
             r = s["repeats"]
-            row += [f"{r['w0']['mean']:.4f} +- {r['w0']['se']:.4f}", f"{r['best']['mean']:.4f} +- {r['best']['se']:.4f}",
-                    f"{r['diff']['mean']:+.4f} +- {r['diff']['se']:.4f}",
-                    f"{r['diff']['mean'] / r['diff']['se']:+.1f}" if r["diff"]["se"] > 0 else "-"]
+            m0, mb = f"{r['w0']['mean']:.4g} +- {r['w0']['se']:.2g}", f"{r['best']['mean']:.4g} +- {r['best']['se']:.2g}"
+            ratio = r["best"]["mean"] / r["w0"]["mean"]
+        else:
+            m0, mb, ratio = f"{s['metric_w0']:.4g}", f"{s['best_metric']:.4g}", s["best_metric"] / s["metric_w0"]
+        row = [s["checkpoint"], point(0.0, s.get("guidance_w0")), point(s["best_w"], s.get("best_guidance")), m0, mb,
+               f"{ratio:.3f}"]
+        if repeats:
+            d = s["repeats"]["diff"]
+            row += [f"{d['mean']:+.4g} +- {d['se']:.2g}", f"{d['mean'] / d['se']:+.1f}" if d["se"] > 0 else "-"]
         table.add_row(*row)
-    console.print(table)
+    # a Slurm log is no terminal: rich would cut the table to 80 columns
+    console.print(table, width=max(console.width, 160))
 
 
 def _metric_name(ctx: RunContext) -> str:
@@ -224,7 +235,7 @@ def run(ctx: RunContext) -> None:
             if ctx.spec.makes_images and dist.is_main():  # drawn now: each Delta is held only in its turn
                 if not pictures:
                     pictures.append(_panel(ctx, model, extrapolator, 0.0, entry.get("guidance_w0"), "w = 0"))
-                pictures.append(_panel(ctx, model, extrapolator, bw, bg, f"{ckpt['name']}\nbest w = {bw}"))
+                pictures.append(_panel(ctx, model, extrapolator, bw, bg, f"{ckpt['name']}: best w = {bw}"))
             summary.append(entry)
             bar.update(info=f"{ckpt['name']}: best w {bw} ({best:.4f})")
     # ------------------------------------------------------------------ Report
