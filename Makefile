@@ -10,7 +10,7 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || 
 # The venv's bin first: its ninja must build extensions, not the system one.
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu
 
-.PHONY: install demo test tiny-assets clean-runs
+.PHONY: install demo digits bench-digits test tiny-assets clean-runs
 
 install: $(STAMP)
 
@@ -25,6 +25,14 @@ $(STAMP): setup.py requirements.txt constraints.txt tools/fix_torchvision_cpu.py
 
 demo: install
 	$(RUN) $(VENV)/bin/neon run --config configs/toy2d.yaml
+
+digits: install
+	$(RUN) $(VENV)/bin/neon run --config configs/digits_dit.yaml
+
+# 3 base seeds of the digits run and the real-data control (about 45 min on 2 cores; not part of `make test`)
+bench-digits: install
+	$(RUN) $(PY) bench/digits.py --seeds 0,1,2
+	$(RUN) $(PY) bench/digits_control.py runs/digits_dit-seed0
 
 tiny-assets: install
 	$(RUN) $(PY) tools/make_tiny_assets.py runs/tiny-assets

@@ -299,11 +299,12 @@ def validate(cfg: Config, where: str) -> None:
     spec.validate(spec.parse_args(cfg.model.args, where, "model.args"), where)
     if not cfg.synth.samplers:
         raise NeonError(f"{where}: 'synth.samplers' is empty: give at least one sampler setting")
+    model_args = spec.parse_args(cfg.model.args)
     for i, s in enumerate(cfg.synth.samplers):
         if not isinstance(s, dict):
             raise NeonError(f"{where}: 'synth.samplers[{i}]' must be a mapping, got {s!r}")
-        spec.parse_sampler(s, where, f"synth.samplers[{i}]")
-    spec.parse_sampler(cfg.eval.sampler, where, "eval.sampler")
+        spec.check_sampler(model_args, spec.parse_sampler(s, where, f"synth.samplers[{i}]"), where, f"synth.samplers[{i}]")
+    spec.check_sampler(model_args, spec.parse_sampler(cfg.eval.sampler, where, "eval.sampler"), where, "eval.sampler")
     if spec.makes_images:
         _validate_image_eval(cfg, where)
     trainers = [("train", cfg.train)] + ([("base.train", cfg.base.train)] if cfg.base.train is not None else [])

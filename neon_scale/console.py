@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
 
 from rich.console import Console
@@ -16,7 +18,9 @@ from rich.progress import (
 
 from . import dist
 
-console = Console(stderr=False, highlight=False, soft_wrap=True)
+# Without a terminal (a Slurm log, a pipe) rich assumes 80 columns and cuts tables: give it 200.
+_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200
+console = Console(stderr=False, highlight=False, soft_wrap=True, width=_WIDTH)
 err_console = Console(stderr=True, highlight=False)
 
 

@@ -183,7 +183,31 @@ def test_missing_dinov2_weights_is_one_line(tmp_path):
     ("model.args.num_classes=7", ["model.args.num_classes", "7", "data.source has 10"]),
     ("base.train=null", ["'base.train' is required", "digits"]),
     ("model.args.vae=random", ["training from scratch", "pixel space"]),
+    ("eval.sampler={method: ddpm}", ["eval.sampler.method", "learn_sigma"]),
 ])
 def test_config_errors(tmp_path, override, needles):
     proc = neon("run", "--config", str(CONFIG), "--run-dir", str(tmp_path / "r"), "--set", override)
     assert_one_line_error(proc, *needles)
+
+
+def test_base_training_resumes_exactly(digits_run, tmp_path):
+    """The base is trained by the fine-tune's trainer, so a killed base run resumes exactly: put
+    `latest` back to the step-8 checkpoint (as a kill after it would leave it), drop what came
+    after, and the re-run ends with the same theta_r, bit for bit."""
+    import shutil
+
+    from neon_scale.train.checkpoint import tag_of
+
+    run_dir, _ = digits_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    ckpt = copy / "base" / "train" / "ckpt"
+    assert (ckpt / tag_of(8)).is_dir()
+    (ckpt / "latest").write_text(tag_of(8))
+    for path in (copy / "base" / "done.json", copy / "base" / "train" / "done.json", copy / "base" / "model.safetensors"):
+        path.unlink()
+    proc = neon("base", "--config", str(CONFIG), "--run-dir", str(copy), *_sets(*SMALL))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "resuming from step 8" in proc.stdout
+    before, after = (load_state_dict(d / "base" / "model.safetensors") for d in (run_dir, copy))
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -86,6 +86,13 @@ class DiTSpec(LatentImageSpec):
                             f"num_heads = {kw['num_heads']}")
         super().validate(args, where)
 
+    def check_sampler(self, args: DiTArgs, sampler: DiTSampler, where: str, key: str) -> None:
+        if sampler.method == "ddpm" and not args.learn_sigma:
+            from ..errors import NeonError
+
+            raise NeonError(f"{where}: '{key}.method' = 'ddpm' needs model.args.learn_sigma: true (the official "
+                            f"learned-variance sampler); use method: ddim")
+
     def build(self, args: DiTArgs) -> DiT:
         return DiT(**self.constructor_args(args))
 

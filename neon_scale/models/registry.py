@@ -35,6 +35,9 @@ class ModelSpec:
     def validate(self, args, where: str) -> None:
         """Cross-checks of parsed model args and the files they name (one line, at config time)."""
 
+    def check_sampler(self, args, sampler, where: str, key: str) -> None:
+        """Cross-checks of a parsed sampler setting against the parsed model args (config time)."""
+
     # -- the model
     def build(self, args) -> torch.nn.Module:
         raise NotImplementedError

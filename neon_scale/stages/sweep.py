@@ -153,8 +153,7 @@ def print_summary(summary: list[dict], metric_name: str) -> None:
             d = s["repeats"]["diff"]
             row += [f"{d['mean']:+.4g} +- {d['se']:.2g}", f"{d['mean'] / d['se']:+.1f}" if d["se"] > 0 else "-"]
         table.add_row(*row)
-    # a Slurm log is no terminal: rich would cut the table to 80 columns
-    console.print(table, width=max(console.width, 160))
+    console.print(table)
 
 
 def _metric_name(ctx: RunContext) -> str:
