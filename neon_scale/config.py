@@ -315,6 +315,10 @@ def validate(cfg: Config, where: str) -> None:
     if trains_on_data and not spec.pixel_space(spec.parse_args(cfg.model.args)):
         raise NeonError(f"{where}: model {cfg.model.name!r}: training from scratch on data.source needs pixel space "
                         f"(model.args.vae: none), got model.args.vae = {cfg.model.args.get('vae')!r}")
+    if cfg.base.train is not None and not trains_on_data:
+        why = "base.weights is given" if cfg.base.weights else "base.random_init is true" if cfg.base.random_init \
+            else "the toys train their base with base.steps/base.lr" if not spec.makes_images else "data.source is not set"
+        raise NeonError(f"{where}: 'base.train' is set but no base is trained by the DeepSpeed trainer ({why})")
     if trains_on_data and cfg.base.train is None:
         raise NeonError(f"{where}: 'base.train' is required: model {cfg.model.name!r} is trained from scratch on "
                         f"data.source = {cfg.data.source!r} by the DeepSpeed trainer (its settings, as the train section)")

@@ -68,6 +68,20 @@ def test_class_folder_source(tmp_path):
     assert real.labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8
 
 
+def test_shard_source(tmp_path):
+    """Webdataset shards of .png + .cls (e.g. a synth output written with save_images) as real data."""
+    from neon_scale.data.shards import write_shard
+
+    real = load_real("digits")
+    for c in range(2):
+        part = slice(c * 10, (c + 1) * 10)
+        write_shard(tmp_path / f"shard-{c:06d}.tar", {"image": real.images[part], "cls": real.labels[part]}, {},
+                    key_prefix=f"{c:06d}")
+    loaded = load_real(str(tmp_path))
+    assert torch.equal(loaded.images, real.images[:20]) and torch.equal(loaded.labels, real.labels[:20])
+    assert loaded.num_classes == 10
+
+
 # ------------------------------------------------------------------------------------- classifier
 
 def test_classifier_backbone_reaches_stated_accuracy(tmp_path):
@@ -184,6 +198,7 @@ def test_missing_dinov2_weights_is_one_line(tmp_path):
     ("base.train=null", ["'base.train' is required", "digits"]),
     ("model.args.vae=random", ["training from scratch", "pixel space"]),
     ("eval.sampler={method: ddpm}", ["eval.sampler.method", "learn_sigma"]),
+    ("base.random_init=true", ["'base.train' is set", "base.random_init is true"]),
 ])
 def test_config_errors(tmp_path, override, needles):
     proc = neon("run", "--config", str(CONFIG), "--run-dir", str(tmp_path / "r"), "--set", override)
@@ -211,3 +226,30 @@ def test_base_training_resumes_exactly(digits_run, tmp_path):
     assert "resuming from step 8" in proc.stdout
     before, after = (load_state_dict(d / "base" / "model.safetensors") for d in (run_dir, copy))
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("learn_sigma, method", [(True, "ddpm"), (True, "ddim"), (False, "ddim")])
+def test_pixel_dit_samples_and_trains_with_cfg(learn_sigma, method):
+    """Pixel space as latent DiT: the diffusion loss (MSE, + VLB with learned variance) on real
+    images in [-1, 1], and DDPM/DDIM with CFG on both sides of 1, giving images of the data's shape."""
+    from neon_scale import rng
+    from neon_scale.models.registry import get_spec
+
+    spec = get_spec("dit")
+    raw = spec.fit_data({"arch": "S/2", "depth": 1, "hidden_size": 32, "num_heads": 2, "vae": "none",
+                         "learn_sigma": learn_sigma}, (1, 8, 8), 10, "test")
+    args = spec.parse_args(raw)
+    torch.manual_seed(0)
+    model = spec.build(args)
+    real = load_real("digits")
+    batch = {**spec.from_images(real.images[:16], args), "cls": real.labels[:16]}
+    assert batch["x"].min() == -1 and batch["x"].max() == 1
+    loss = spec.loss(model, batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and model.final_layer.linear.weight.grad.abs().sum() > 0  # (zero-initialised)
+    for cfg in (0.5, 1.0, 3.0):
+        samples = spec.sample(model.eval(), 20, rng.generator(0, cfg), spec.parse_sampler({"method": method, "steps": 4,
+                                                                                          "cfg": cfg}))
+        images = spec.images(samples, args)
+        assert images.shape == (20, 1, 8, 8) and images.dtype == torch.uint8
+        assert samples["cls"].tolist() == [i % 10 for i in range(20)]
