@@ -48,6 +48,11 @@ def torchrun(script, *args: str, timeout=600) -> subprocess.CompletedProcess:
 LAUNCHER = ROOT / "launchers" / "neon.py"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: whole runs through the launcher (minutes); the fast inner loop is "
+                                       "`pytest -m 'not slow'`")
+
+
 @pytest.fixture
 def run_dir(tmp_path):
     return tmp_path / "run"

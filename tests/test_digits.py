@@ -105,7 +105,7 @@ def test_classifier_backbone_reaches_stated_accuracy(tmp_path):
 # -------------------------------------------------------------------------------------- pipeline
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
+def digits_run(tmp_path_factory):  # every stage in about 30 s: in the fast loop too
     run_dir = tmp_path_factory.mktemp("digits") / "run"
     proc = neon("run", "--config", str(CONFIG), "--run-dir", str(run_dir), *_sets(*SMALL), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -152,6 +152,7 @@ def test_rerun_skips_everything(digits_run):
         assert f"{stage}: complete, skipped" in proc.stdout
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_base_on_a_class_folder(tmp_path):
     folder = _digit_folder(tmp_path / "digits")
     run_dir = tmp_path / "run"
@@ -253,3 +254,26 @@ def test_pixel_dit_samples_and_trains_with_cfg(learn_sigma, method):
         images = spec.images(samples, args)
         assert images.shape == (20, 1, 8, 8) and images.dtype == torch.uint8
         assert samples["cls"].tolist() == [i % 10 for i in range(20)]
+
+
+def test_neon_fid_with_the_classifier_backbone(tmp_path):
+    """`neon fid --features classifier` on grey PNG folders (decoded as RGB, read back as grey):
+    FD_classifier and IS from the classifier's logits; a set against itself gives 0."""
+    real = load_real("digits")
+    net, acc = train_classifier(real.images[:600], real.labels[:600], real.images[600:700], real.labels[600:700], 10,
+                                steps=100)
+    save_classifier(tmp_path / "c.safetensors", net, acc, "digits")
+    for name, part in (("a", slice(0, 40)), ("b", slice(1000, 1040))):
+        (tmp_path / name).mkdir()
+        for i, img in enumerate(real.images[part]):
+            Image.fromarray(img[0].numpy()).save(tmp_path / name / f"{i:03d}.png")
+    args = ["--features", "classifier", "--weights", str(tmp_path / "c.safetensors"), "--workers", "0"]
+    proc = neon("fid", str(tmp_path / "a"), str(tmp_path / "b"), *args, "--metrics", "fid,isc",
+                "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["features"] == "classifier" and result["fd_classifier"] > 0 and result["is_mean"] > 1
+    proc = neon("fid", str(tmp_path / "a"), str(tmp_path / "a"), *args, "--json", str(tmp_path / "s.json"))
+    assert proc.returncode == 0, proc.stderr
+    # 40 samples in 64 dimensions: a rank-deficient covariance, whose eigenvalue square roots round to ~1e-5
+    assert abs(json.loads((tmp_path / "s.json").read_text())["fd_classifier"]) < 1e-4 * result["fd_classifier"]

@@ -17,6 +17,8 @@ from neon_scale.models.registry import get_spec
 from .conftest import LAUNCHER, ROOT, neon, torchrun
 from .test_cli import assert_one_line_error
 
+pytestmark = pytest.mark.slow  # whole runs on 2 ranks: `pytest -m 'not slow'` skips them
+
 CONFIGS = {"dit": ROOT / "configs" / "dit_tiny.yaml", "xar": ROOT / "configs" / "xar_tiny.yaml"}
 LATENT = {"dit": (4, 4, 4), "xar": (16, 4, 4)}
 IMAGE = {"dit": (3, 32, 32), "xar": (3, 64, 64)}

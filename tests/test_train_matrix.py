@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from .conftest import LAUNCHER, ROOT, TOY, neon, small_overrides
 
+pytestmark = pytest.mark.slow  # whole runs on 2 ranks: `pytest -m 'not slow'` skips them
+
 STEPS = 60
 TRAIN = ["synth.samplers=[{zeta: 1.1}]", f"train.save_steps=[{STEPS}]", "train.lr=3e-3", "train.log_every=1",
          "train.ckpt_every_images=2000", "train.keep_last=2", "train.ema_decay=0.9"]
