@@ -296,10 +296,10 @@ def validate(cfg: Config, where: str) -> None:
             raise NeonError(f"{where}: 'data.source' is set but model {cfg.model.name!r} is not an image model")
         real = load_real(cfg.data.source)
         cfg.model.args = spec.fit_data(dict(cfg.model.args), real.shape, real.num_classes, where)
-    spec.validate(spec.parse_args(cfg.model.args, where, "model.args"), where)
+    model_args = spec.parse_args(cfg.model.args, where, "model.args")
+    spec.validate(model_args, where)
     if not cfg.synth.samplers:
         raise NeonError(f"{where}: 'synth.samplers' is empty: give at least one sampler setting")
-    model_args = spec.parse_args(cfg.model.args)
     for i, s in enumerate(cfg.synth.samplers):
         if not isinstance(s, dict):
             raise NeonError(f"{where}: 'synth.samplers[{i}]' must be a mapping, got {s!r}")
@@ -309,10 +309,10 @@ def validate(cfg: Config, where: str) -> None:
         _validate_image_eval(cfg, where)
     trainers = [("train", cfg.train)] + ([("base.train", cfg.base.train)] if cfg.base.train is not None else [])
     for prefix, t in trainers:
-        _validate_trainer(t, prefix, spec, cfg, where)
+        _validate_trainer(t, prefix, spec, model_args, cfg.model.name, where)
     trains_on_data = spec.makes_images and cfg.data.source is not None and not cfg.base.weights \
         and not cfg.base.random_init
-    if trains_on_data and not spec.pixel_space(spec.parse_args(cfg.model.args)):
+    if trains_on_data and not spec.pixel_space(model_args):
         raise NeonError(f"{where}: model {cfg.model.name!r}: training from scratch on data.source needs pixel space "
                         f"(model.args.vae: none), got model.args.vae = {cfg.model.args.get('vae')!r}")
     if cfg.base.train is not None and not trains_on_data:
@@ -339,7 +339,7 @@ def validate(cfg: Config, where: str) -> None:
                         f"it from scratch; base.random_init: true gives random weights, for smoke tests)")
 
 
-def _validate_trainer(t: TrainConfig, prefix: str, spec, cfg: Config, where: str) -> None:
+def _validate_trainer(t: TrainConfig, prefix: str, spec, model_args, model_name: str, where: str) -> None:
     steps = t.save_steps
     if not steps or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in steps):
         raise NeonError(f"{where}: '{prefix}.save_steps' must be a non-empty list of positive integers, got {steps!r}")
@@ -347,8 +347,8 @@ def _validate_trainer(t: TrainConfig, prefix: str, spec, cfg: Config, where: str
         raise NeonError(f"{where}: '{prefix}.betas' must be two numbers in [0, 1), got {t.betas!r}")
     if t.ema_decay >= 1.0:
         raise NeonError(f"{where}: '{prefix}.ema_decay' = {t.ema_decay} must be below 1 (0 = off)")
-    if t.label_dropout > 0 and spec.null_class(spec.parse_args(cfg.model.args)) is None:
-        raise NeonError(f"{where}: '{prefix}.label_dropout' = {t.label_dropout} but model {cfg.model.name!r} "
+    if t.label_dropout > 0 and spec.null_class(model_args) is None:
+        raise NeonError(f"{where}: '{prefix}.label_dropout' = {t.label_dropout} but model {model_name!r} "
                         f"is not class-conditional")
     if t.deepspeed_json:  # fail before any stage runs, not at the train stage
         from .train.engine import load_user_json

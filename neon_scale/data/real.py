@@ -13,7 +13,6 @@ differs is named). The split is fixed: a `holdout` fraction of each class, chose
 from __future__ import annotations
 
 import functools
-import os
 import pathlib
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import NeonError
+from .shards import decode_png, read_shard
 
 BUILTIN = ["digits"]
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -62,19 +62,12 @@ def _digits() -> RealImages:
     return RealImages(torch.from_numpy(images), torch.from_numpy(d.target.astype(np.int64)), 10, "digits")
 
 
-def _decode(data, name: str) -> np.ndarray:
-    """uint8 [C, H, W]: grey stays 1 channel, everything else becomes RGB."""
-    import io
-
-    from PIL import Image
-
+def _decode(path: pathlib.Path) -> np.ndarray:
+    """uint8 [C, H, W] of an image file (the shards' PNG decoder: grey stays 1 channel, else RGB)."""
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-            img = img if img.mode in ("L", "RGB") else img.convert("RGB")
-            arr = np.asarray(img)
+        return decode_png(path.read_bytes())
     except Exception as e:  # noqa: BLE001  (PIL's errors of every flavour are the same user error)
-        raise NeonError(f"{name}: unreadable image ({type(e).__name__}: {e})") from None
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        raise NeonError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 
 def _stack(items: list[tuple[str, np.ndarray, int]], where: str, num_classes: int) -> RealImages:
@@ -98,13 +91,11 @@ def _folder(root: pathlib.Path) -> RealImages:
     for c, name in enumerate(classes):
         for f in sorted((root / name).iterdir()):
             if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
-                items.append((str(f), _decode(f, str(f)), c))
+                items.append((str(f), _decode(f), c))
     return _stack(items, str(root), len(classes))
 
 
 def _shards(paths: list[pathlib.Path], where: str) -> RealImages:
-    from .shards import read_shard
-
     items = []
     for path in paths:
         columns, count, _ = read_shard(path)
@@ -134,9 +125,3 @@ def load_real(source: str) -> RealImages:
     tars = sorted(p for p in path.iterdir() if p.suffix == ".tar")
     return _shards(tars, source) if tars else _folder(path)
 
-
-def check_source(source: str) -> None:
-    """Cheap config-time check that `source` can be a data source (the full read happens later)."""
-    if source not in BUILTIN and not os.path.exists(source):
-        raise NeonError(f"data.source = {source!r}: not a built-in data set ({', '.join(BUILTIN)}) and no such file "
-                        f"or folder")

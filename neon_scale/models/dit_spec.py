@@ -57,7 +57,7 @@ class DiTSpec(LatentImageSpec):
     Sampler = DiTSampler
     vae_kind = "sd"
 
-    DATA_ARGS = {"image_size": "image_size", "channels": "channels", "num_classes": "num_classes"}
+    DATA_ARGS = ("image_size", "channels", "num_classes")
 
     def stride(self, args: DiTArgs) -> int:
         return 1 if self.pixel_space(args) else VAE_STRIDE

@@ -43,8 +43,8 @@ class LatentImageSpec(ModelSpec):
     def __init__(self):
         self._vaes: dict = {}
 
-    # Model args filled from data.source (pixel space): name -> what of the data it is.
-    DATA_ARGS: ClassVar[dict[str, str]] = {}
+    # Model args filled from data.source (image_size and channels in pixel space only; num_classes always).
+    DATA_ARGS: ClassVar[tuple[str, ...]] = ()
 
     def fit_data(self, raw: dict, shape: tuple[int, int, int], num_classes: int, where: str) -> dict:
         """model.args completed from the real data (channels, size, classes): a value the config
@@ -53,13 +53,13 @@ class LatentImageSpec(ModelSpec):
         if h != w:
             raise NeonError(f"{where}: data.source has {h}x{w} images; the image models need square images")
         found = {"channels": c, "image_size": h, "num_classes": num_classes}
-        for key, what in self.DATA_ARGS.items():
+        for key in self.DATA_ARGS:
             if raw.get("vae", "") != NO_VAE and key != "num_classes":
                 continue  # latent models: the image size is the VAE's business
-            if key in raw and raw[key] != found[what]:
-                raise NeonError(f"{where}: 'model.args.{key}' = {raw[key]!r} but data.source has {found[what]} "
-                                f"({what.replace('_', ' ')})")
-            raw[key] = found[what]
+            if key in raw and raw[key] != found[key]:
+                raise NeonError(f"{where}: 'model.args.{key}' = {raw[key]!r} but data.source has {found[key]} "
+                                f"({key.replace('_', ' ')})")
+            raw[key] = found[key]
         return raw
 
     def pixel_space(self, args) -> bool:

@@ -50,7 +50,7 @@ class XARSpec(LatentImageSpec):
     Args = XARArgs
     Sampler = XARSampler
     vae_kind = "mar"
-    DATA_ARGS = {"num_classes": "num_classes"}  # latent only: the image size is the VAE's business
+    DATA_ARGS = ("num_classes",)  # latent only: the image size is the VAE's business
 
     def constructor_args(self, args: XARArgs) -> dict:
         kw = xar_config(args.size)

@@ -33,18 +33,12 @@ def _weights_path(ctx: RunContext, out: pathlib.Path) -> str:
     return configured or str(out / CLASSIFIER)
 
 
-def _reference_images(ctx: RunContext):
-    real = load_real(ctx.cfg.data.source)
-    train_idx, held_idx = real.split(ctx.cfg.data.holdout, ctx.cfg.data.seed)
-    return real, {"train": train_idx, "holdout": held_idx, "all": None}[ctx.cfg.eval.ref_split]
-
-
 def _build(ctx: RunContext, out: pathlib.Path) -> dict:
     ev, info = ctx.cfg.eval, {}
     weights = _weights_path(ctx, out)
+    real = load_real(ctx.cfg.data.source) if ctx.cfg.data.source is not None else None
+    train_idx, held_idx = real.split(ctx.cfg.data.holdout, ctx.cfg.data.seed) if real is not None else (None, None)
     if ev.features == "classifier" and ev.classifier_weights is None:
-        real = load_real(ctx.cfg.data.source)
-        train_idx, held_idx = real.split(ctx.cfg.data.holdout, ctx.cfg.data.seed)
         net, acc = train_classifier(real.images[train_idx], real.labels[train_idx], real.images[held_idx],
                                     real.labels[held_idx], real.num_classes, seed=ctx.cfg.data.seed)
         save_classifier(weights, net, acc, ctx.cfg.data.source)
@@ -52,7 +46,7 @@ def _build(ctx: RunContext, out: pathlib.Path) -> dict:
             f"{acc:.4f} ({len(held_idx)} images) -> {weights}")
         info["heldout_accuracy"] = acc
     if ev.ref_stats is None:
-        real, idx = _reference_images(ctx)
+        idx = {"train": train_idx, "holdout": held_idx, "all": None}[ev.ref_split]
         images = real.images if idx is None else real.images[idx]
         backbone = load_backbone(ev.features, weights, batch_size=ev.batch_size)
         moments = Moments(backbone.dim)

@@ -156,6 +156,14 @@ def print_summary(summary: list[dict], metric_name: str) -> None:
     console.print(table)
 
 
+def _eval_sampler(cfg, g) -> dict:
+    """The evaluation sampler's settings at guidance g (sweep.guidance_key; unchanged without one)."""
+    sampler = dict(cfg.eval.sampler)
+    if cfg.sweep.guidance_key is not None:
+        sampler[cfg.sweep.guidance_key] = g
+    return sampler
+
+
 def _metric_name(ctx: RunContext) -> str:
     from ..metrics.backbones import METRIC_NAMES
 
@@ -193,19 +201,13 @@ def run(ctx: RunContext) -> None:
             # theta_r and Delta kept per tensor: each w is one pass over the weights, not a reload
             extrapolator = Extrapolator(module_slots(model, base_state, load_state_dict(ckpt["path"])))
 
-            def eval_sampler_at(g):
-                sampler = dict(ev.sampler)
-                if sw.guidance_key is not None:
-                    sampler[sw.guidance_key] = g
-                return sampler
-
             def metric_at(w, g, n=ev.n, seed=None, ckpt=ckpt, extrapolator=extrapolator):
                 row = {"checkpoint": ckpt["name"], "steps": ckpt["steps"], "sampler": ckpt["sampler"], "w": w, "n": n}
                 if sw.guidance_key is not None:
                     row["guidance"] = g
                 if seed is not None:
                     row["seed"] = seed
-                eval_sampler = eval_sampler_at(g)
+                eval_sampler = _eval_sampler(cfg, g)
                 metric = store.cached(row)
                 if metric is None:
                     extrapolator.set_w(w)
@@ -262,11 +264,10 @@ def _panel(ctx: RunContext, model, extrapolator, w: float, g, title: str) -> tup
     num_classes = _num_classes(ctx)
     n = num_classes * PER_CLASS
     extrapolator.set_w(w)
-    sampler = dict(cfg.eval.sampler)
     if cfg.sweep.guidance_key is not None:
-        sampler[cfg.sweep.guidance_key] = g
         title += f", {cfg.sweep.guidance_key} {g}"
-    samples = ctx.spec.sample(model, n, rng.generator(cfg.eval.seed, "picture"), ctx.spec.parse_sampler(sampler))
+    samples = ctx.spec.sample(model, n, rng.generator(cfg.eval.seed, "picture"),
+                              ctx.spec.parse_sampler(_eval_sampler(cfg, g)))
     images = ctx.spec.images(samples, ctx.model_args()).cpu()
     # sample i has class i mod num_classes: reorder to a row per class
     return title, images.reshape(PER_CLASS, num_classes, *images.shape[1:]).transpose(0, 1).reshape(n, *images.shape[1:])
