@@ -4,11 +4,13 @@
   neon synth --config ... --set synth.n=2000      one stage (its inputs must exist)
   neon fid samples/ --ref ref.npz --weights inception.pth   FID of an image set
 
-Errors from bad input print one line and exit 2; --debug shows the traceback instead.
+Errors from bad input print one line and exit 2; --debug shows the traceback instead. No pickle
+in a file we read is executed unless --trust-pickles (or the config's trust_pickles) says so.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -24,6 +26,15 @@ STAGE_HELP = {
 COMMANDS = (*STAGE_HELP, "merge", "consolidate", "fid")
 
 
+TRUST_HELP = ("let torch.load unpickle classes outside the allow-list in the files read (resumed checkpoints "
+              "included): only for files you made yourself; default: refuse, naming the file and the class")
+
+
+def _add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", required=True, help="YAML config, e.g. configs/toy2d.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -31,7 +42,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", help="output directory (default: runs/<config name>)")
     p.add_argument("--stage", choices=[s for s in STAGE_HELP if s != "run"], action="append",
                    help="run only this stage (repeatable)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_common_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -49,8 +60,9 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--self-key", help="sub-dict for SELF only")
     p.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast float tensors (default: keep each dtype)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (the old OUT stays until "
+                                                             "the new one is complete)")
+    _add_common_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "of the master weights")
     cons.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast float tensors (default fp32)")
     cons.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
-    cons.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    cons.add_argument("--debug", action="store_true", help="show tracebacks")
+    cons.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (the old OUT stays until "
+                                                                "the new one is complete)")
+    _add_common_args(cons)
     fid_help = "FID / Inception Score / KID / precision-recall of image sets (torch-fidelity's numbers, distributed)"
     from .metrics.command import add_args as add_fid_args
 
@@ -92,19 +105,44 @@ def _fail(msg: str, code: int) -> None:
 
 
 def run_command(args: argparse.Namespace) -> None:
-    from . import dist, pipeline
+    from . import dist, io, pipeline
     from .config import load_config
 
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     cfg = load_config(args.config, overrides)
+    if cfg.trust_pickles:
+        io.trust_pickles()
     stages = args.stage or ([args.command] if args.command != "run" else None)
     dist.init()
     pipeline.run(cfg, stages)
     dist.barrier()
 
 
+def _negative_w(argv: list[str]) -> list[str]:
+    """`--w -1e-3` as `--w=-1e-3`: argparse takes a value starting with '-' for an option unless it
+    looks like a plain decimal, and an exponent does not."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--w" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+            except ValueError:
+                out.append(argv[i])
+            else:
+                out.append(f"--w={argv[i + 1]}")
+                i += 1
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_negative_w(sys.argv[1:] if argv is None else list(argv)))
+    if getattr(args, "trust_pickles", False):
+        from .io import trust_pickles
+
+        trust_pickles()
     try:
         if args.command == "merge":
             from .merge.engine import run_cli
@@ -129,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug or an environment problem: still one line unless --debug
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write no writer of ours named
+            _fail(f"{e.filename or 'writing output'}: no space left on device", 2)
         _fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", 1)
 
 

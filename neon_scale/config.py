@@ -1,7 +1,8 @@
 """Typed run configuration: one dataclass per stage, loaded from YAML, `--set a.b=c` overrides.
 
 Validation happens once, here, and every error is one line naming the file, the key and the
-value at fault. Ranges and choices live in field metadata (`min`, `max`, `choices`).
+value at fault. Ranges and choices live in field metadata (`min`, `max`, `choices`); every float
+must be finite (no key takes NaN or inf), and the sweep's grid is bounded (MAX_GRID points).
 Model- and sampler-specific settings (`model.args`, `synth.samplers`, `eval.sampler`) are
 validated against the dataclasses the model registers (see models/registry.py).
 """
@@ -101,7 +102,7 @@ class SynthConfig:
 
 @dataclass
 class EvalConfig:
-    n: int = _f(100000, min=1, help="samples per evaluated point")
+    n: int = _f(100000, min=2, help="samples per evaluated point (a covariance needs at least 2)")
     sampler: dict = _f({}, help="sampler settings used to evaluate every merged model")
     chunk: int = _f(25000, min=1, help="samples per noise chunk (chunk i always gets the same noise)")
     seed: int = _f(1234)
@@ -118,6 +119,9 @@ class EvalConfig:
                         help="without eval.ref_stats: the data.source images the reference statistics come from")
 
 
+MAX_GRID = 10_000  # points of sweep.w_grid and of sweep.guidance: beyond it a config is a typo
+
+
 @dataclass
 class SweepConfig:
     mode: str = _f("early_stop", choices=["early_stop", "grid"])
@@ -129,7 +133,7 @@ class SweepConfig:
     tol: float = _f(0.02, min=0.0, help="early-stop tolerance on the metric")
     refine_w: float = _f(0.1, min=0.0, help="half-width of the refine grid in w (0 = no refine)")
     refine_guidance: float = _f(0.1, min=0.0)
-    final_n: Optional[int] = _f(None, min=1, help="re-evaluate each best point with this many samples")
+    final_n: Optional[int] = _f(None, min=2, help="re-evaluate each best point with this many samples")
     repeats: int = _f(0, min=0, help="re-evaluate w = 0 and the best w (each at its best guidance) with this many "
                                      "fresh evaluation seeds: mean and standard error of both and of the difference")
 
@@ -137,6 +141,9 @@ class SweepConfig:
         if not (self.w_step > 0 and math.isfinite(self.w_step)) or self.w_min > self.w_max:
             raise NeonError(f"sweep: empty w grid (w_min={self.w_min}, w_max={self.w_max}, w_step={self.w_step})")
         n = int(math.floor((self.w_max - self.w_min) / self.w_step + 1e-9)) + 1
+        if n > MAX_GRID:  # checked before the list is built: a tiny w_step would hang validation
+            raise NeonError(f"sweep: w grid of {n} points (w_min={self.w_min}, w_max={self.w_max}, "
+                            f"w_step={self.w_step}) exceeds the bound of {MAX_GRID} points")
         grid = {round(self.w_min + i * self.w_step, 6) for i in range(n)} | {0.0}
         return sorted(grid)
 
@@ -152,6 +159,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    trust_pickles: bool = _f(False, help="let torch.load unpickle any class in files we read (checkpoints on resume "
+                                         "included); only for files you made yourself")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -232,6 +241,8 @@ def from_dict(cls, data: dict, where: str, prefix: str = ""):
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         value = _check_value(value, hints[name], key, where)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NeonError(f"{where}: '{key}' = {value!r} is not a finite number")
         _check_range(value, fields[name].metadata, key, where)
         kwargs[name] = value
     return cls(**kwargs)
@@ -325,7 +336,10 @@ def validate(cfg: Config, where: str) -> None:
     if cfg.sweep.guidance_key is not None:
         if not cfg.sweep.guidance:
             raise NeonError(f"{where}: 'sweep.guidance' is empty but sweep.guidance_key = {cfg.sweep.guidance_key!r}")
-        spec.parse_sampler({cfg.sweep.guidance_key: cfg.sweep.guidance[0]}, where, "sweep.guidance_key")
+        if len(cfg.sweep.guidance) > MAX_GRID:
+            raise NeonError(f"{where}: 'sweep.guidance' has {len(cfg.sweep.guidance)} values, beyond the bound of {MAX_GRID}")
+        for i, value in enumerate(cfg.sweep.guidance):  # each value as the sampler takes it (type, range, finite)
+            spec.parse_sampler({cfg.sweep.guidance_key: value}, where, f"sweep.guidance[{i}]")
     elif cfg.sweep.guidance:
         raise NeonError(f"{where}: 'sweep.guidance' is set but 'sweep.guidance_key' is not")
     cfg.sweep.w_grid()  # raises on an empty grid

@@ -7,6 +7,7 @@ import sys
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -31,7 +32,8 @@ def log(msg: str) -> None:
 
 def error(msg: str) -> None:
     prefix = f"[rank {dist.rank()}] " if dist.world() > 1 else ""
-    err_console.print(f"[bold red]error:[/] {prefix}{msg}", markup=True, soft_wrap=True)
+    # escaped: a '[...]' in a path or message is text, not rich markup to be swallowed
+    err_console.print(f"[bold red]error:[/] {escape(prefix + msg)}", markup=True, soft_wrap=True)
 
 
 class _NullProgress:

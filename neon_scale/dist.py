@@ -1,25 +1,50 @@
 """Rank / world helpers over torch.distributed (gloo on CPU, nccl on GPU).
 
 `neon run` started by hand is a world of one; under `deepspeed`/`torchrun` the launcher's
-environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) is used. DeepSpeed's own `init_distributed`
-sets up the process group so that its engines and our collectives share it.
+environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) is used, and checked first: a missing or
+inconsistent variable is a one-line error, not DeepSpeed's fallback to MPI discovery.
+DeepSpeed's own `init_distributed` sets up the process group so that its engines and our
+collectives share it. NEON_DIST_TIMEOUT (seconds, default 1800 as in torch) bounds how long ranks
+wait for each other: for all of them to join (then a one-line error naming MASTER_ADDR:MASTER_PORT)
+and in every collective after that.
 """
 from __future__ import annotations
 
+import datetime
+import math
 import os
+import re
 import socket
+import sys
 import warnings
+from collections.abc import Mapping, MutableMapping
 
 import torch
 import torch.distributed as tdist
 
+from .errors import NeonError
+
+TIMEOUT_ENV = "NEON_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800.0  # torch's default process-group timeout
+_MAX_TIMEOUT_S = 365 * 24 * 3600.0
+_LAUNCHERS = ("start the ranks with torchrun or deepspeed, which set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and "
+              "MASTER_PORT, or with srun exporting them; for a world of one unset RANK and WORLD_SIZE")
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable, `default` when unset or not an integer (checked in init())."""
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
 
 def rank() -> int:
-    return tdist.get_rank() if tdist.is_initialized() else int(os.environ.get("RANK", 0))
+    return tdist.get_rank() if tdist.is_initialized() else _env_int("RANK", 0)
 
 
 def world() -> int:
-    return tdist.get_world_size() if tdist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    return tdist.get_world_size() if tdist.is_initialized() else _env_int("WORLD_SIZE", 1)
 
 
 def is_main() -> bool:
@@ -34,32 +59,149 @@ def _free_port() -> int:
 
 def _skip_deepspeed_shm_build() -> None:
     """DeepSpeed JIT-builds a shared-memory comm op (50-100 s) on every CPU init; gloo needs none."""
-    import sys
-
     import deepspeed.comm.torch  # noqa: F401  (the package attribute shadows the submodule)
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _parse_int(env: Mapping[str, str], name: str, problems: list[str]) -> int | None:
+    if not re.fullmatch(r"[+-]?[0-9]+", env[name]):
+        problems.append(f"{name}={env[name]!r} is not an integer")
+        return None
+    return int(env[name])
+
+
+def check_launcher_env(env: MutableMapping[str, str], cuda_devices: int = 0) -> None:
+    """Check (and complete) the launcher's variables in `env` before DeepSpeed reads them.
+
+    Neither RANK nor WORLD_SIZE set: a world of one on this host (MASTER_PORT a free one unless
+    set). WORLD_SIZE > 1 needs RANK, MASTER_ADDR and MASTER_PORT; LOCAL_RANK defaults to
+    SLURM_LOCALID, else RANK modulo LOCAL_WORLD_SIZE or the GPUs here, else RANK. Raises NeonError
+    naming every missing or bad variable."""
+    for name in _LAUNCHER_VARS:
+        if name in env:
+            env[name] = env[name].strip()
+            if not env[name]:
+                del env[name]  # `export RANK=` is as good as unset
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    problems: list[str] = []
+    world_size = None
+    if "WORLD_SIZE" not in env:
+        problems.append(f"RANK={env['RANK']} is set but WORLD_SIZE is not")
+    else:
+        world_size = _parse_int(env, "WORLD_SIZE", problems)
+        if world_size is not None and world_size < 1:
+            problems.append(f"WORLD_SIZE={world_size} must be at least 1")
+            world_size = None
+    if world_size == 1:  # a world of one needs no launcher: fill in what is missing
+        env.setdefault("RANK", "0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in env:
+            env["MASTER_PORT"] = str(_free_port())
+    elif world_size is not None:
+        missing = [n for n in ("RANK", "MASTER_ADDR", "MASTER_PORT") if n not in env]
+        if missing:
+            problems.append(f"WORLD_SIZE={world_size} needs {', '.join(missing)} (not set)")
+    rank_ = _parse_int(env, "RANK", problems) if "RANK" in env else None
+    if rank_ is not None and rank_ < 0:
+        problems.append(f"RANK={rank_} is negative")
+    elif rank_ is not None and world_size is not None and rank_ >= world_size:
+        problems.append(f"RANK={rank_} is not below WORLD_SIZE={world_size}")
+    if "MASTER_PORT" in env:
+        port = _parse_int(env, "MASTER_PORT", problems)
+        if port is not None and not 1 <= port <= 65535:
+            problems.append(f"MASTER_PORT={port} is not a port (1-65535)")
+    if "LOCAL_RANK" in env:
+        local = _parse_int(env, "LOCAL_RANK", problems)
+        if local is not None and local < 0:
+            problems.append(f"LOCAL_RANK={local} is negative")
+        elif local is not None and cuda_devices and local >= cuda_devices:
+            problems.append(f"LOCAL_RANK={local} but this host has {cuda_devices} GPU(s)")
+    elif rank_ is not None and rank_ >= 0:
+        env["LOCAL_RANK"] = str(_default_local_rank(env, rank_, cuda_devices))
+    if problems:
+        raise NeonError(f"launcher environment: {'; '.join(problems)}; {_LAUNCHERS}")
+    if world_size > 1:
+        try:
+            socket.getaddrinfo(env["MASTER_ADDR"], int(env["MASTER_PORT"]), type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as e:
+            raise NeonError(f"launcher environment: MASTER_ADDR={env['MASTER_ADDR']!r} does not resolve ({e}); "
+                            f"it must name rank 0's host") from None
+
+
+def _default_local_rank(env: Mapping[str, str], rank_: int, cuda_devices: int) -> int:
+    local = env.get("SLURM_LOCALID", "").strip()
+    if local.isdigit():
+        return int(local)
+    per_node = env.get("LOCAL_WORLD_SIZE", "").strip()
+    if per_node.isdigit() and int(per_node) > 0:
+        return rank_ % int(per_node)
+    return rank_ % cuda_devices if cuda_devices else rank_
+
+
+def timeout_seconds(env: Mapping[str, str]) -> float:
+    """NEON_DIST_TIMEOUT in seconds (default 1800): how long ranks wait for each other."""
+    raw = env.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= _MAX_TIMEOUT_S):
+        raise NeonError(f"{TIMEOUT_ENV}={env.get(TIMEOUT_ENV)!r}: must be a positive number of seconds "
+                        f"(at most {_MAX_TIMEOUT_S:.0f}; default {DEFAULT_TIMEOUT_S:.0f})")
+    return value
+
+
+# What torch 2.13 raises when a rendezvous times out (all RuntimeError subclasses, via DistError):
+#   a rank != 0 with no server to reach:  DistNetworkError "The client socket has timed out after ..."
+#   rank 0 with too few peers connecting: DistStoreError "Timed out after N seconds waiting for clients ..."
+#   peers connected but one missing:      DistStoreError "wait timeout after N ms, keys: ..."
+_TIMEOUT_MESSAGE = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
 def init() -> None:
-    """Initialise the process group once (a world of one when no launcher set one up)."""
+    """Initialise the process group once (a world of one when no launcher set one up).
+
+    Raises NeonError when the launcher's environment is incomplete or inconsistent, and when
+    the ranks do not all join within NEON_DIST_TIMEOUT seconds."""
     if tdist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    cuda = torch.cuda.is_available()
+    check_launcher_env(os.environ, torch.cuda.device_count() if cuda else 0)
+    seconds = timeout_seconds(os.environ)
     # DeepSpeed still calls the collectives torch 2.13 renamed; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
                             category=FutureWarning)
-    cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _skip_deepspeed_shm_build()
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    rank_, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    if world_size > 1:  # every rank says so: a silent wait is what a missing peer looks like
+        print(f"rank {rank_}: waiting for the process group of {world_size} ranks at {where} "
+              f"(timeout {seconds:g} s, {TIMEOUT_ENV})", file=sys.stderr, flush=True)
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
+                                   timeout=datetime.timedelta(seconds=seconds))
+    except (tdist.DistStoreError, tdist.DistNetworkError) as e:
+        if _TIMEOUT_MESSAGE.search(str(e)):
+            raise NeonError(f"rank {rank_}: the process group of {world_size} ranks did not form within "
+                            f"{seconds:g} s at {where} (are all ranks started? {TIMEOUT_ENV} sets the wait)") from e
+        if "EADDRINUSE" in str(e) or "address already in use" in str(e):
+            raise NeonError(f"rank {rank_}: cannot listen on MASTER_PORT={os.environ['MASTER_PORT']}: address "
+                            f"already in use (another job or a leftover rank holds it; choose another "
+                            f"MASTER_PORT)") from e
+        raise
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
 def device() -> torch.device:

@@ -1,15 +1,27 @@
-"""Everything that touches disk: atomic writes, JSON, safetensors state dicts.
+"""Everything that touches disk: atomic writes, JSON, safetensors state dicts, the one torch.load.
 
 Writes go to a temporary file in the target's directory and are renamed into place, so a killed
-process leaves either the old file or the new one, never a partial one.
+process leaves either the old file or the new one, never a partial one. The temporary names are
+`.<name>.*.tmp` (files) and `.<name>.partial-*` / `.<name>.old-*` (directories); `remove_stale`
+deletes those a killed process left behind. Outputs get the mode the umask gives, whoever
+created them. A full disk is one line naming the file.
+
+Every PyTorch file is read by `torch_load`: `weights_only=True` with an explicit allow-list of
+classes, so no pickle executes; a file that needs another class is one line naming the file and
+the class. `trust_pickles()` (`--trust-pickles`, config `trust_pickles: true`) lifts it.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
 import pathlib
+import re
+import shutil
 import tempfile
+import time
 from typing import Iterator
 
 import torch
@@ -22,6 +34,26 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_STARTED = time.time()  # temp files older than this process belong to killed ones
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def file_mode(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give `path` the mode the umask gives (mkstemp/mkdtemp and some writers make it private)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | os.PathLike) -> Iterator[None]:
+    """A full disk (or quota) inside the block: one line naming `path`, not a bare errno."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _FULL:
+            raise
+        raise NeonError(f"{path}: no space left on device ({os.strerror(e.errno)}) while writing") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds."""
@@ -30,12 +62,103 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = pathlib.Path(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs get the usual mode
     try:
-        yield tmp
+        with disk_errors(path):
+            yield tmp
+        file_mode(tmp)  # after the write: a writer that replaces the file (safetensors) resets the mode
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _aside_name(out: pathlib.Path) -> pathlib.Path:
+    return out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
+
+
+def _set_aside(out: pathlib.Path) -> list[pathlib.Path]:
+    return sorted((p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.old-")),
+                  key=lambda p: p.lstat().st_mtime)
+
+
+def _remove(p: pathlib.Path) -> None:
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or the filesystem cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(staging: pathlib.Path, out: pathlib.Path) -> None:
+    """Put the complete `staging` in place of `out`; `out` is the old or the new output at every
+    instant. Old and new are exchanged in one atomic step, then the old (now at `staging`) is
+    removed; where the filesystem cannot exchange, the old is set aside (`.OUT.old-*`), the new
+    renamed in and the old removed, and a kill between the renames is undone by `restore_dir`."""
+    if not (out.exists() or out.is_symlink()):
+        os.replace(staging, out)
+        return
+    if _exchange(staging, out):
+        _remove(staging)
+        return
+    old = _aside_name(out)
+    os.replace(out, old)
+    os.replace(staging, out)
+    _remove(old)
+
+
+def restore_dir(out: pathlib.Path) -> None:
+    """Finish a swap a kill interrupted: the old output set aside comes back when `out` is missing;
+    copies set aside are dropped when `out` is there."""
+    if not out.parent.is_dir():
+        return
+    aside = _set_aside(out)
+    if aside and not (out.exists() or out.is_symlink()):
+        os.replace(aside.pop(), out)
+    for p in aside:
+        _remove(p)
+
+
+_STALE = re.compile(r"\..+\.(.+\.tmp|partial-.+)")
+
+
+def remove_stale(directory: str | os.PathLike, recursive: bool = True, of: str | None = None) -> int:
+    """Delete temporary files and partial directories of our naming patterns under `directory`
+    (only those of the output named `of`, when given) that are older than this process: a killed
+    writer's leftovers (a live writer's are newer). Returns how many were removed."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return 0
+    removed = 0
+    for root, dirs, files in os.walk(directory):
+        for name in [*files, *dirs]:
+            p = pathlib.Path(root, name)
+            if not _STALE.fullmatch(name) or (of is not None and not name.startswith(f".{of}.")):
+                continue
+            try:
+                if p.lstat().st_mtime >= _STARTED:
+                    continue
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                removed += 1
+            except FileNotFoundError:  # another rank removed it first
+                continue
+            if name in dirs:
+                dirs.remove(name)
+        if not recursive:
+            break
+    return removed
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -51,7 +174,23 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Strict JSON: a NaN or inf inside is an error naming the file, never a bare `NaN` token."""
+    bad = _non_finite(obj)
+    if bad is not None:
+        raise NeonError(f"{path}: '{bad}' is not a finite number; not written")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def _non_finite(obj, where: str = "") -> str | None:
+    """The dotted key of the first non-finite float in `obj`, or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "value"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{where}.{k}" if where else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 def read_json(path: str | os.PathLike):
@@ -105,18 +244,48 @@ def pick_state_dict(obj, key: str | None, path) -> dict[str, torch.Tensor]:
     raise NeonError(f"{path}: not a state dict (a {type(obj).__name__})")
 
 
-def load_torch_checkpoint(path: pathlib.Path, key: str | None = None, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """The state dict of a PyTorch checkpoint (.pt/.pth/.ckpt/.bin) read with weights_only=True
-    (argparse.Namespace, which official training files keep under "args", is allowed)."""
-    import argparse
+_TRUSTED = False
+TRUST_HINT = "pickles are never executed unless you trust the file: --trust-pickles / trust_pickles: true"
 
+
+def trust_pickles(on: bool = True) -> None:
+    """Let `torch_load` unpickle anything (the user's opt-in for files they made themselves)."""
+    global _TRUSTED
+    _TRUSTED = on
+
+
+def torch_load(path: str | os.PathLike, what: str = "PyTorch file", allow: tuple = (), mmap: bool = False,
+               map_location="cpu"):
+    """The package's one torch.load: weights_only=True with `allow` (classes the file format is
+    known to hold, none with a custom __reduce__) plus argparse.Namespace (official training files
+    keep their args in one). Anything else is one line naming the file and the class."""
+    import argparse
+    import pickle
+
+    if _TRUSTED:
+        return torch.load(str(path), map_location=map_location, weights_only=False, mmap=mmap)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001  (pickle / zip errors of every flavour: one line)
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise NeonError(f"{path}: cannot read PyTorch file with weights_only=True ({type(e).__name__}: {first})") from None
-    return pick_state_dict(obj, key, path)
+        with torch.serialization.safe_globals([argparse.Namespace, *allow]):
+            return torch.load(str(path), map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:  # the weights-only unpickler refused a class: that is the pickle we will not run
+            raise NeonError(f"{path}: {what} needs '{found[1]}', which is not on the allow-list ({TRUST_HINT})") from None
+        raise NeonError(f"{path}: cannot read {what} ({_first_line(e)})") from None
+    except FileNotFoundError:
+        raise NeonError(f"{path}: {what} not found") from None
+    except Exception as e:  # noqa: BLE001  (zip / storage errors of every flavour: one line)
+        raise NeonError(f"{path}: cannot read {what}, truncated or corrupt? ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def load_torch_checkpoint(path: pathlib.Path, key: str | None = None, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of a PyTorch checkpoint (.pt/.pth/.ckpt/.bin), read by `torch_load`."""
+    return pick_state_dict(torch_load(path, "PyTorch checkpoint", mmap=mmap), key, path)
 
 
 def load_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:

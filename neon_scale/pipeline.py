@@ -1,7 +1,8 @@
 """Run the stages of a config in order: base -> synth -> train -> sweep.
 
 Each stage reads only the artifacts of the stages before it and is skipped when its output is
-complete for this config; a stage run alone checks that its inputs exist.
+complete for this config; a stage run alone checks that its inputs exist. Temporary files and
+partial folders a killed earlier run left in the run directory are removed first.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from . import dist
 from .config import Config
 from .console import log
 from .errors import NeonError
-from .io import write_text
+from .io import remove_stale, write_text
 from .stages import base, sweep, synth, train
 from .stages.common import RunContext, StageDir
 
@@ -36,6 +37,9 @@ def run(cfg: Config, stages: list[str] | None = None) -> dict[str, float]:
     ctx = RunContext.from_config(cfg)
     if dist.is_main():
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale(ctx.run_dir)
+        if stale:
+            log(f"[dim]removed {stale} temporary file(s) a killed run left in {ctx.run_dir}[/]")
         write_text(ctx.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     log(f"[bold]neon[/] {cfg.name}: model {cfg.model.name}, {dist.world()} rank(s), run dir {ctx.run_dir}")
     timings = {}

@@ -34,7 +34,7 @@ def test_unknown_top_level_and_sampler_keys(tmp_path):
     ("train.lr=fast", r"'train.lr' must be float, got 'fast'"),
     ("train.zero_stage=2.5", r"'train.zero_stage' must be int, got 2.5"),
     ("train.zero_stage=4", r"'train.zero_stage' = 4 is above the maximum 3"),
-    ("eval.n=0", r"'eval.n' = 0 is below the minimum 1"),
+    ("eval.n=0", r"'eval.n' = 0 is below the minimum 2"),
     ("train.dtype=fp8", r"'train.dtype' = 'fp8' is not one of"),
     ("synth.samplers=[{zeta: -1}]", r"'synth.samplers\[0\].zeta' = -1.0 is below the minimum 0.0"),
     ("train.save_steps=[0, 5]", r"'train.save_steps' must be a non-empty list of positive integers"),

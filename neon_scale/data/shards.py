@@ -3,7 +3,8 @@
 A record holds `__key__`, the sample (`x` -> `.npy`, other tensors -> `<name>.npy`, uint8
 images `image` [C, H, W] -> `.png`, integer labels `cls` -> `.cls`) and the sampler settings
 (`.json`). `decode_record` is the inverse, one record at a time. Shards are written to a temporary
-file and renamed, so a shard that exists is complete; a per-set manifest lists shards and counts.
+file and renamed, so a shard that exists is complete; a per-set manifest lists shards and counts,
+and the schema every record must match (each field's dtype and shape).
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ import torch
 import webdataset as wds
 
 from ..errors import NeonError
-from ..io import atomic_path
+from ..io import atomic_path, write_json
 
 MANIFEST = "manifest.json"
+
+Schema = dict[str, tuple[np.dtype, tuple[int, ...]]]  # field -> (dtype, shape) of one record's value
 
 
 def shard_name(index: int) -> str:
@@ -101,44 +104,131 @@ class _NpyDecoder:
         return np.frombuffer(data, dtype=dtype, offset=off).reshape(shape)
 
 
-def decode_record(record: dict, npy: _NpyDecoder) -> dict[str, object]:
-    """One webdataset record -> {field: array or int}; raises on a payload that does not decode."""
-    out: dict[str, object] = {}
+def decode_record(record: dict, npy: _NpyDecoder) -> dict[str, np.ndarray | np.int64]:
+    """One webdataset record -> {field: array or int64}; raises on a payload that does not decode."""
+    out: dict[str, np.ndarray | np.int64] = {}
     for ext, value in record.items():
         if ext.startswith("__") or ext == "json":
             continue
         if ext.endswith("npy"):
-            out[_ext_to_field(ext)] = npy(value)
+            field, decoded = _ext_to_field(ext), npy(value)
         elif ext == "cls":
-            out["cls"] = int(value)
+            field, decoded = "cls", np.int64(int(value))  # a label past int64 raises here, not when stacked
         elif ext == "png":
-            out["image"] = decode_png(value)
+            field, decoded = "image", decode_png(value)
+        else:
+            continue
+        if field in out:  # `cls` and `cls.npy`: which one is the label?
+            raise ValueError(f"two payloads for field {field!r}")
+        out[field] = decoded
     return out
 
 
-def read_shard(path: pathlib.Path, expected: int | None = None, skip_bad: bool = False,
-               hint: str = "") -> tuple[dict[str, np.ndarray], int, int]:
-    """Decode every record of one shard, in order -> (columns {field: stacked array}, number of
-    good records, number of bad records). Bad input (unreadable tar, undecodable record, fewer
-    records than `expected`) is one error naming the shard, ending with `hint`; with `skip_bad`
-    the bad records are skipped and counted instead."""
+class BadRecord(ValueError):
+    """A record that decodes but does not match its set's schema (or no set's: a string payload)."""
+
+
+def _layout(dtype: np.dtype, shape: tuple) -> str:
+    return f"dtype {dtype} shape {list(shape)}"
+
+
+def _schema_problem(schema: Schema) -> str | None:
+    """Why no set may have this schema (None: one may): every field a numeric array, the label an int64."""
+    for name, (dtype, shape) in schema.items():
+        if name == "cls" and (dtype != np.int64 or shape != ()):
+            return f"field 'cls' has {_layout(dtype, shape)}, expected an integer label"
+        if dtype.kind not in "biufc" or min(shape, default=0) < 0:  # strings, objects, records
+            return f"field {name!r} has {_layout(dtype, shape)}, expected a numeric array"
+    return None
+
+
+def check_record(record: dict, schema: Schema | None) -> Schema:
+    """Raise BadRecord unless `record` has `schema`'s fields, dtypes and shapes (no schema: any
+    layout a set may hold) -> the schema, the record's own layout when none was given."""
+    if schema is None:
+        schema = {name: (value.dtype, value.shape) for name, value in record.items()}
+        problem = _schema_problem(schema)
+        if problem:
+            raise BadRecord(problem)
+        return schema
+    if record.keys() != schema.keys():
+        raise BadRecord(f"fields {sorted(record)}, expected {sorted(schema)}")
+    for name, (dtype, shape) in schema.items():
+        value = record[name]
+        if value.dtype != dtype or value.shape != shape:  # never cast: int64 where float32 is expected is bad
+            raise BadRecord(f"field {name!r} has {_layout(value.dtype, value.shape)}, expected {_layout(dtype, shape)}")
+    return schema
+
+
+def _tar_records(path: pathlib.Path):
+    """The raw records of one shard, in order; raises as the tar reader does on a bad tar."""
     import webdataset.tariterators as wti
 
-    records, bad, npy = [], 0, _NpyDecoder()
-    try:
-        with open(path, "rb") as f:
-            files = ({**member, "__url__": str(path)} for member in wti.tar_file_iterator(f))
-            for raw in wti.group_by_keys(files):
-                if not any(k.endswith(("npy", "png", "cls")) for k in raw):
-                    continue  # a record cut off by truncation: the count check below reports it
+    with open(path, "rb") as f:
+        files = ({**member, "__url__": str(path)} for member in wti.tar_file_iterator(f))
+        for raw in wti.group_by_keys(files):
+            if any(k.endswith(("npy", "png", "cls")) for k in raw):
+                yield raw  # else a record cut off by truncation: the manifest count reports it
+
+
+def first_schema(paths: list[pathlib.Path]) -> Schema | None:
+    """The layout of the first good record of the first shard holding one (None: no shard does)."""
+    npy = _NpyDecoder()
+    for path in paths:
+        try:
+            for raw in _tar_records(path):
                 try:
-                    records.append(decode_record(raw, npy))
-                except Exception as e:  # a payload that does not decode
-                    if not skip_bad:
-                        raise NeonError(f"{path}: bad record {raw.get('__key__')!r} ({type(e).__name__}: {e}){hint}") from None
-                    bad += 1
-    except NeonError:
-        raise
+                    return check_record(decode_record(raw, npy), None)
+                except Exception:
+                    continue  # a bad record: reading the shard reports it
+        except Exception:
+            continue  # an unreadable shard: likewise
+    return None
+
+
+def write_manifest(set_dir: pathlib.Path, shards: list[dict], **info) -> None:
+    """A set's manifest: `info`, its shards (name, count) and the schema of its records (that of the
+    first one: the writer gives every record the same fields, dtypes and shapes)."""
+    schema = first_schema([set_dir / s["name"] for s in shards])
+    fields = {name: {"dtype": str(dtype), "shape": list(shape)} for name, (dtype, shape) in (schema or {}).items()}
+    write_json(set_dir / MANIFEST, {**info, "shards": shards, **({"schema": fields} if fields else {})})
+
+
+def manifest_schema(set_dir: pathlib.Path, manifest: dict) -> Schema | None:
+    """The schema every record of a set must match: the manifest's, or for a manifest written
+    before manifests held one, the layout of the set's first good record."""
+    if "schema" not in manifest:
+        return first_schema([set_dir / s["name"] for s in manifest["shards"]])
+    try:
+        schema = {str(name): (np.dtype(f["dtype"]), tuple(int(k) for k in f["shape"]))
+                  for name, f in manifest["schema"].items()}
+    except Exception as e:
+        raise NeonError(f"{set_dir / MANIFEST}: 'schema' must map each field to {{dtype, shape}} "
+                        f"({type(e).__name__}: {e})") from None
+    problem = _schema_problem(schema)
+    if problem or not schema:
+        raise NeonError(f"{set_dir / MANIFEST}: bad 'schema' ({problem or 'no fields'})")
+    return schema
+
+
+def read_shard(path: pathlib.Path, expected: int | None = None, skip_bad: bool = False,
+               hint: str = "", schema: Schema | None = None) -> tuple[dict[str, np.ndarray], int, int]:
+    """Decode every record of one shard, in order -> (columns {field: stacked array}, number of
+    good records, number of bad records). A good record decodes and matches `schema` (None: the
+    layout of the shard's first good record). Bad input (unreadable tar, bad record, fewer records
+    than `expected`) is one error naming the shard, ending with `hint`; with `skip_bad` the bad
+    records are skipped and counted instead."""
+    records, bad, first_bad, npy = [], 0, None, _NpyDecoder()
+    try:
+        for raw in _tar_records(path):
+            try:
+                record = decode_record(raw, npy)
+                schema = check_record(record, schema)
+                records.append(record)
+            except Exception as e:  # a payload that does not decode, or does not match the schema
+                why = str(e) if isinstance(e, BadRecord) else f"{type(e).__name__}: {e}"
+                first_bad = first_bad or f"{path}: bad record {raw.get('__key__')!r} ({why}){hint}"
+                bad += 1
     except FileNotFoundError:
         raise NeonError(f"{path}: shard not found") from None
     except Exception as e:  # tarfile errors of every flavour
@@ -150,23 +240,21 @@ def read_shard(path: pathlib.Path, expected: int | None = None, skip_bad: bool =
             raise NeonError(f"{path}: corrupt or truncated shard (holds {len(records) + bad} samples, the manifest "
                             f"says {expected}){hint}")
         bad += missing
-    fields = set(records[0]) if records else set()
-    keep = [r for r in records if set(r) == fields]
-    if len(keep) < len(records):  # records lacking a field the others have
-        if not skip_bad:
-            raise NeonError(f"{path}: records with different fields ({sorted(fields)} and others){hint}")
-        bad += len(records) - len(keep)
-    columns = {name: np.array([r[name] for r in keep], dtype=np.int64) if name == "cls" else np.stack([r[name] for r in keep])
-               for name in fields}
-    return columns, len(keep), bad
+    if first_bad and not skip_bad:  # reported after the count: truncation also cuts the last record short
+        raise NeonError(first_bad)
+    # Every record matches the schema, so stacking cannot fail; an empty shard still has typed columns.
+    columns = {name: np.stack([r[name] for r in records]) if records else np.empty((0, *shape), dtype)
+               for name, (dtype, shape) in (schema or {}).items()}
+    return columns, len(records), bad
 
 
 def read_shards(paths: list[pathlib.Path], expected_counts: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """Read whole shards into memory (small synthetic sets); one clear error per bad shard."""
-    parts = []
+    """Read whole shards into memory (small synthetic sets); one clear error per bad shard. Every
+    record must match the set's first one, so the shards' columns concatenate."""
+    parts, schema = [], first_schema(paths)
     for i, path in enumerate(paths):
         expected = None if expected_counts is None else expected_counts[i]
-        columns, count, _ = read_shard(path, expected)
+        columns, count, _ = read_shard(path, expected, schema=schema)
         if expected is not None and count != expected:
             raise NeonError(f"{path}: corrupt or truncated shard (holds {count} samples, the manifest says {expected})")
         parts.append(columns)

@@ -13,9 +13,10 @@ them out round-robin over the workers. Each batch carries `__pos__`, where its w
 stands after it (epoch, shard, record, bad), so a saved list of positions restarts every worker
 exactly where it stopped without replaying anything.
 
-Bad input: a shard that cannot be read, a record that does not decode, or fewer records than the
-manifest lists is an error naming the shard; with `skip_bad` the bad records are skipped and
-counted instead (`__pos__["bad"]`: records the worker skipped so far, a bad record once per visit).
+Bad input: a shard that cannot be read, a record that does not decode or does not match the set's
+schema (fields, dtypes, shapes: every batch then concatenates), or fewer records than the manifest
+lists is an error naming the shard; with `skip_bad` the bad records are skipped and counted
+instead (`__pos__["bad"]`: records the worker skipped so far, a bad record once per visit).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .. import rng
 from ..errors import NeonError
 from ..io import read_json
-from .shards import MANIFEST, read_shard
+from .shards import MANIFEST, manifest_schema, read_shard
 
 
 @dataclass
@@ -59,6 +60,7 @@ class ShardStream(IterableDataset):
                  skip_bad: bool = False, start: list[dict] | None = None, cache_bytes: int = 1 << 30):
         manifest = read_json(set_dir / MANIFEST)
         self.shards = [(set_dir / s["name"], int(s["count"])) for s in manifest["shards"]]
+        self.schema = manifest_schema(set_dir, manifest)  # one for the whole set, read once here
         self.micro_batch, self.seed, self.rank, self.world = micro_batch, seed, rank, world
         self.workers, self.skip_bad, self.cache_bytes = max(workers, 1), skip_bad, cache_bytes
         self.start = [StreamPos(**p) for p in start] if start else [StreamPos() for _ in range(self.workers)]
@@ -75,7 +77,7 @@ class ShardStream(IterableDataset):
         """A shard's decoded columns; shards stay decoded up to `cache_bytes` per worker (small sets
         are then decoded once), the oldest dropped first."""
         if index not in self._cache:
-            entry = read_shard(*self.shards[index], skip_bad=self.skip_bad, hint=SKIP_HINT)
+            entry = read_shard(*self.shards[index], skip_bad=self.skip_bad, hint=SKIP_HINT, schema=self.schema)
             size = sum(a.nbytes for a in entry[0].values())
             while self._cache and sum(held for _, held in self._cache.values()) + size > self.cache_bytes:
                 self._cache.pop(next(iter(self._cache)))

@@ -21,6 +21,7 @@ from .extrapolate import MERGE, MergeReport, action_for, check_keys, extrapolate
 from .tensors import (
     StreamingSafetensorsWriter,
     TensorSource,
+    check_output,
     plan_shards,
     shard_file_names,
     staged_output,
@@ -71,12 +72,18 @@ def _merge_chunk(b: torch.Tensor, s: torch.Tensor, w: float, out_dtype: torch.dt
 def _merge_tensor(key: str, b: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype,
                   writers: dict[float, StreamingSafetensorsWriter], summary: MergeSummary) -> None:
     """Chunk by chunk into every writer. A function of its own so that the chunk views (which
-    keep both input storages alive) are gone before the next tensor is read."""
+    keep both input storages alive) are gone before the next tensor is read. A non-finite result
+    from finite inputs (a huge w overflowing the output dtype) stops the merge: nothing is written."""
     for bc, sc in _chunks(b, s):
         summary.add_norms(key, bc, sc)
         summary.count_non_finite(bc)
+        finite_in = has_only_finite(bc) and has_only_finite(sc)
         for w, writer in writers.items():
-            writer.write_bytes(_merge_chunk(bc, sc, w, out_dtype))
+            merged = _merge_chunk(bc, sc, w, out_dtype)
+            if finite_in and not has_only_finite(merged):
+                raise NeonError(f"merge: --w {w:g} overflows {out_dtype} in '{key}' (theta_r + w (theta_r - theta_s) "
+                                f"is not finite); nothing written")
+            writer.write_bytes(merged)
     for writer in writers.values():
         writer.end_tensor(key)
 
@@ -87,10 +94,13 @@ def merge_checkpoints(base: TensorSource, synth: TensorSource, ws: list[float], 
     """Write one safetensors checkpoint per w (OUT itself for one w, OUT/w=<w>/ for several)."""
     if not ws:
         raise NeonError("merge: give at least one --w")
-    if len(set(ws)) != len(ws):
-        raise NeonError(f"merge: repeated --w values {ws}")
-    if out.exists() and not overwrite:  # checked again by staged_output; early here, before any reading
-        raise NeonError(f"{out}: already exists (use --overwrite to replace it)")
+    for w in ws:
+        if not math.isfinite(w):
+            raise NeonError(f"merge: --w {w}: not a finite number")
+    names = [w_dir_name(w) for w in ws]
+    if len(set(names)) != len(names):  # OUT/w=<w>/ names round to 6 digits: two writers, one folder
+        raise NeonError(f"merge: repeated --w values {ws} (output folders {names})")
+    check_output(out, overwrite)  # again by staged_output; early here, before any reading
     base_keys, synth_keys = base.keys(), synth.keys()
     check_keys(base_keys, synth_keys)
     synth_set = set(synth_keys)

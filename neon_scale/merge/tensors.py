@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..errors import NeonError
+from .. import io
 from ..io import load_torch_checkpoint
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -141,7 +142,10 @@ class SafetensorsSource(TensorSource):
 
 
 def _read_header(fpath: pathlib.Path) -> dict[str, tuple[int, TensorMeta]]:
-    """key -> (absolute byte offset, meta), validated against the file size."""
+    """key -> (absolute byte offset, meta). Checked as the safetensors library checks a file: a
+    JSON object; known dtypes; shapes of non-negative integers; every tensor's byte range exactly
+    numel x itemsize; the ranges sorted, contiguous from 0, not overlapping, and ending exactly at
+    the end of the file. A file that fails is one line: merging it would read the wrong bytes."""
     size = fpath.stat().st_size
     try:
         with open(fpath, "rb") as f:
@@ -151,22 +155,38 @@ def _read_header(fpath: pathlib.Path) -> dict[str, tuple[int, TensorMeta]]:
             header = json.loads(f.read(hlen))
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise NeonError(f"{fpath}: not a valid safetensors file ({e})") from None
-    out, end = {}, 0
+    if not isinstance(header, dict):
+        raise NeonError(f"{fpath}: not a valid safetensors file (the header is not a JSON object)")
+    spans = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
             start, stop = info["data_offsets"]
-            meta = TensorMeta(tuple(info["shape"]), _dtype_from_st(info["dtype"], fpath))
+            shape = info["shape"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (start, stop, *shape)):
+                raise ValueError(f"offsets {[start, stop]} and shape {shape} must be non-negative integers")
+            meta = TensorMeta(tuple(shape), _dtype_from_st(info["dtype"], fpath))
+        except NeonError:
+            raise
         except (KeyError, TypeError, ValueError) as e:
             raise NeonError(f"{fpath}: bad header entry for '{key}' ({e})") from None
         if stop - start != meta.nbytes:
-            raise NeonError(f"{fpath}: '{key}' has {stop - start} bytes for shape {meta.shape} {meta.dtype}")
+            raise NeonError(f"{fpath}: '{key}' has {stop - start} bytes for shape {meta.shape} {meta.dtype} "
+                            f"({meta.nbytes} bytes)")
+        spans.append((start, stop, key, meta))
+    spans.sort(key=lambda x: (x[0], x[1]))
+    out, end = {}, 0
+    for start, stop, key, meta in spans:
+        if start != end:
+            what = "overlaps the tensor before it" if start < end else f"leaves a gap of {start - end} bytes"
+            raise NeonError(f"{fpath}: '{key}' at data_offsets [{start}, {stop}] {what}")
         out[key] = (8 + hlen + start, meta)
-        end = max(end, stop)
-    if 8 + hlen + end > size:
-        raise NeonError(f"{fpath}: truncated safetensors file ({size} bytes, the header needs {8 + hlen + end})")
-    return out
+        end = stop
+    if 8 + hlen + end != size:
+        raise NeonError(f"{fpath}: {'truncated' if 8 + hlen + end > size else 'trailing bytes in'} safetensors "
+                        f"file ({size} bytes, the header describes {8 + hlen + end})")
+    return {key: out[key] for key in header if key in out}  # the file's key order
 
 
 def _dtype_from_st(code: str, fpath) -> torch.dtype:
@@ -303,19 +323,30 @@ def write_index(directory: pathlib.Path, shards: list[list[tuple[str, TensorMeta
     (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def staged_output(out: pathlib.Path, overwrite: bool) -> Iterator[pathlib.Path]:
-    """A staging directory next to `out`, renamed onto it if the block succeeds and removed if
-    not: a failed or killed write never leaves a partial OUT."""
+def check_output(out: pathlib.Path, overwrite: bool) -> None:
+    """Settle what a killed earlier write left next to `out` (an interrupted swap is finished,
+    stale partial folders removed), then refuse an existing `out` unless `overwrite`."""
+    if out.parent.is_dir():
+        io.restore_dir(out)
+        io.remove_stale(out.parent, recursive=False, of=out.name)
     if out.exists() and not overwrite:
         raise NeonError(f"{out}: already exists (use --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def staged_output(out: pathlib.Path, overwrite: bool) -> Iterator[pathlib.Path]:
+    """A staging directory next to `out`, put in its place if the block succeeds and removed if
+    not: a failed or killed write never leaves a partial OUT, and `--overwrite` keeps the old OUT
+    until the new one is complete (io.replace_dir). Leftovers of a killed earlier run (a swap cut
+    short, partial directories) are settled first."""
+    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    io.file_mode(staging, directory=True)  # mkdtemp makes it private; OUT gets the usual mode
     try:
-        yield staging
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(staging, out)
+        with io.disk_errors(out):
+            yield staging
+        io.replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

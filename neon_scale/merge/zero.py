@@ -37,12 +37,13 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NeonError
+from ..io import torch_load
 from .tensors import TensorMeta, TensorSource
 
 OPTIM_RE = re.compile(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 
 
-def _allowed_classes() -> list:
+def deepspeed_classes() -> tuple:
     """The non-tensor objects DeepSpeed pickles into its optimizer-state files; weights_only=True
     refuses any class it does not know, so exactly these are allow-listed (none defines
     __reduce__ or __setstate__: unpickling only calls the enum with its value or fills __dict__):
@@ -54,18 +55,13 @@ def _allowed_classes() -> list:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    return (ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address)
 
 
 def _load(path: pathlib.Path, what: str) -> dict:
     if not path.is_file():
         raise NeonError(f"{path}: {what} not found")
-    try:
-        with torch.serialization.safe_globals(_allowed_classes()):
-            obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # zip, pickle and weights_only errors of every flavour
-        detail = (str(e).strip().splitlines() or [""])[0]
-        raise NeonError(f"{path}: cannot read {what}, truncated or corrupt? ({type(e).__name__}: {detail})") from None
+    obj = torch_load(path, what, allow=deepspeed_classes(), mmap=True)
     if not isinstance(obj, dict):
         raise NeonError(f"{path}: not a DeepSpeed {what} (a {type(obj).__name__})")
     return obj

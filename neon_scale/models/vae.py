@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NeonError
-from ..io import load_into
+from ..io import load_into, torch_load
 
 MAR_SCALE = 0.2325
 SD_SCALE = 0.18215
@@ -313,11 +313,7 @@ def load_mar_vae(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     what = "MAR KL-16 VAE weights (kl16.ckpt)"
     if not path.is_file():
         raise NeonError(f"{path}: {what} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights-only errors all mean: not a loadable checkpoint
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise NeonError(f"{path}: cannot read the {what} with torch.load(weights_only=True): {first}") from None
+    ckpt = torch_load(path, what)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         found = f"keys {sorted(map(str, ckpt))[:5]}" if isinstance(ckpt, dict) else type(ckpt).__name__
         raise NeonError(f"{path}: not a {what} checkpoint: no 'model' entry (found {found})")
@@ -376,7 +372,7 @@ def _ldm_config_from_weights(path: pathlib.Path) -> dict:
         with safe_open(str(path), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     else:  # read once here for the shapes, and again by from_single_file
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch_load(path, "SD VAE weights")
         while isinstance(sd, dict) and "state_dict" in sd:
             sd = sd["state_dict"]
         shapes = {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}

@@ -17,8 +17,8 @@ import torch
 from .. import dist, rng
 from ..console import log, progress
 from ..data.real import load_real
-from ..data.shards import MANIFEST, shard_name, write_shard
-from ..io import load_into, load_state_dict, save_state_dict, write_json
+from ..data.shards import MANIFEST, shard_name, write_manifest, write_shard
+from ..io import load_into, load_state_dict, save_state_dict
 from .common import RunContext, StageDir
 
 SHARD_SIZE = 1000  # real images per shard of base/real/
@@ -62,7 +62,7 @@ def real_split_shards(ctx: RunContext) -> pathlib.Path:
             part = {k: v[start:start + SHARD_SIZE] for k, v in samples.items()}
             write_shard(out / shard_name(c), part, {"data": ctx.cfg.data.source}, key_prefix=f"{c:06d}")
             shards.append({"name": shard_name(c), "count": len(part["cls"])})
-        write_json(out / MANIFEST, {"data": ctx.cfg.data.source, "n": len(train_idx), "shards": shards})
+        write_manifest(out, shards, data=ctx.cfg.data.source, n=len(train_idx))
     dist.barrier()
     return out
 

@@ -13,8 +13,7 @@ import torch
 
 from .. import dist, rng
 from ..console import log, progress
-from ..data.shards import MANIFEST, shard_name, write_shard
-from ..io import write_json
+from ..data.shards import shard_name, write_manifest, write_shard
 from .common import RunContext, StageDir, sampler_tag
 
 
@@ -60,6 +59,6 @@ def run(ctx: RunContext) -> None:
         dist.barrier()
         if dist.is_main():
             shards = [{"name": shard_name(c), "count": min(cfg.shard_size, cfg.n - c * cfg.shard_size)} for c in range(n_shards)]
-            write_json(set_dir / MANIFEST, {"sampler": settings, "n": cfg.n, "shards": shards})
+            write_manifest(set_dir, shards, sampler=settings, n=cfg.n)
         log(f"synth {tag}: {cfg.n} samples in {n_shards} shard(s) -> {set_dir}")
     stage.mark_done()

@@ -23,7 +23,7 @@ from ..console import log, progress
 from ..data.stream import MicroBatchLoader
 from ..config import TrainConfig
 from ..errors import NeonError
-from ..io import save_state_dict, write_json, write_text
+from ..io import disk_errors, save_state_dict, write_json, write_text
 from ..train import checkpoint
 from ..train.ema import PartitionEMA
 from ..train.engine import full_fp32_state_dict, initialize, micro_batch_size
@@ -127,7 +127,7 @@ def run_trainer(ctx: RunContext, cfg: TrainConfig, build: Callable[[], torch.nn.
                 if dist.is_main():
                     row = {"step": done, "images": done * cfg.global_batch, "loss": mean, "lr": lr, "grad_norm": norm,
                            "images_per_s": round(speed, 1), "bad_records": bad}
-                    with open(metrics, "a") as f:
+                    with disk_errors(metrics), open(metrics, "a") as f:
                         f.write(json.dumps(row) + "\n")
                 bar.update(completed=done, info=f"loss {mean:.5f}  lr {lr:.2e}  {speed:,.0f} img/s"
                                                  + (f"  bad {bad}" if bad else ""))

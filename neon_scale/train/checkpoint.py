@@ -13,6 +13,7 @@ tags are kept.
 """
 from __future__ import annotations
 
+import errno
 import pathlib
 import re
 import shutil
@@ -49,11 +50,24 @@ def trainer_file(tag_dir: pathlib.Path, rank: int) -> pathlib.Path:
     return tag_dir / f"trainer-rank{rank:05d}.json"
 
 
+def _save_failure(tag_dir: pathlib.Path, e: Exception) -> str:
+    """One line for a DeepSpeed save that failed; a full disk said as such."""
+    free = shutil.disk_usage(tag_dir.parent).free
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if full or free < (1 << 20):
+        return f"{tag_dir}: no space left on device while DeepSpeed saved the checkpoint ({free} bytes free)"
+    return f"{tag_dir}: DeepSpeed could not save the checkpoint ({type(e).__name__}: {detail})"
+
+
 def save(engine, ckpt_dir: pathlib.Path, step: int, trainer_state: dict, ema=None, keep_last: int = 2) -> None:
     """Write checkpoint `step` (collective), then point `latest` at it and drop old tags."""
     tag = tag_of(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     tag_dir = ckpt_dir / tag
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    except Exception as e:  # noqa: BLE001  (torch's zip writer hides ENOSPC behind "unexpected pos")
+        raise NeonError(_save_failure(tag_dir, e)) from None
     if ema is not None:
         ema.save(tag_dir)
     write_json(trainer_file(tag_dir, dist.rank()), {**trainer_state, "step": step, "world": dist.world(),
@@ -86,7 +100,13 @@ def resume(engine, ckpt_dir: pathlib.Path, ema=None) -> dict | None:
     if state.get("world") != dist.world():
         raise NeonError(f"{state_file}: saved by {state.get('world')} rank(s), this run has {dist.world()}; "
                         f"exact resume needs the same number of ranks")
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    try:  # DeepSpeed reads the files through train/engine.AllowListedLoads (no pickle runs)
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    except NeonError:
+        raise
+    except Exception as e:  # noqa: BLE001  (a checkpoint that does not fit this engine: one line)
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise NeonError(f"{tag_dir}: DeepSpeed could not load this checkpoint ({type(e).__name__}: {detail})") from None
     if path is None:
         raise NeonError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     if ema is not None:

@@ -2,7 +2,9 @@
 
 The engine wraps `LossModule`, so `engine(batch, gen)` is the model's training loss; the fp32
 master weights (whatever the ZeRO stage and dtype) are exported with DeepSpeed's public
-`safe_get_full_fp32_param`.
+`safe_get_full_fp32_param`. DeepSpeed's checkpoint engine unpickles whatever a checkpoint holds
+(`torch.load(weights_only=False)`) when a run resumes; ours reads through `io.torch_load` and its
+allow-list instead, so a pickle planted in a checkpoint folder is refused, not run.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..errors import NeonError
+from ..io import torch_load
 from ..models.registry import ModelSpec
 
 
@@ -123,6 +126,22 @@ def _deep_merge(ours: dict, theirs: dict) -> dict:
     return out
 
 
+class AllowListedLoads:
+    """DeepSpeed's checkpoint engine with its one unpickling call (`load`) replaced by ours;
+    saving and everything else is the wrapped engine's."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        from ..merge.zero import deepspeed_classes
+
+        return torch_load(path, "DeepSpeed checkpoint file", allow=deepspeed_classes(), map_location=map_location)
+
+
 def initialize(spec: ModelSpec, model: nn.Module, cfg: TrainConfig, world: int):
     import deepspeed
     from deepspeed.utils import logger as ds_logger
@@ -131,6 +150,7 @@ def initialize(spec: ModelSpec, model: nn.Module, cfg: TrainConfig, world: int):
     wrapper = LossModule(spec, model)
     engine, *_ = deepspeed.initialize(model=wrapper, model_parameters=wrapper.parameters(),
                                       config=deepspeed_config(cfg, world))
+    engine.checkpoint_engine = AllowListedLoads(engine.checkpoint_engine)
     return engine
 
 
