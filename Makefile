@@ -10,7 +10,7 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || 
 # The venv's bin first: its ninja must build extensions, not the system one.
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu
 
-.PHONY: install demo digits bench-digits test tiny-assets clean-runs
+.PHONY: install demo digits bench-digits bench-kills test tiny-assets clean-runs
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ digits: install
 bench-digits: install
 	$(RUN) $(PY) bench/digits.py --seeds 0,1,2
 	$(RUN) $(PY) bench/digits_control.py runs/digits_dit-seed0
+
+# a toy run killed at every rename and every unlink (strace), each resumed and compared with an
+# uninterrupted run (about 100 kill points, 40 min on 2 cores; `make test` takes a spread of 4)
+bench-kills: install
+	NEON_KILL_POINTS=all $(RUN) $(PY) -m pytest -q tests/test_kills.py -k run_killed
 
 tiny-assets: install
 	$(RUN) $(PY) tools/make_tiny_assets.py runs/tiny-assets

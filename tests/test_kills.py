@@ -1,7 +1,7 @@
 """Kills at fixed system calls (strace's fault injection makes them deterministic): a kill at a
 rename or an unlink during `neon run`, `neon merge --overwrite` and `neon consolidate --overwrite`
 leaves either the old or the new complete output, and the rerun finishes with nothing left behind.
-`bench/kills.py` runs every kill point of a run; these tests take a spread of them."""
+These tests kill a run at a spread of points; `make bench-kills` (NEON_KILL_POINTS=all) at every one."""
 import json
 import os
 import pathlib
@@ -141,9 +141,27 @@ def _results(run_dir: pathlib.Path) -> tuple:
     return summary, thetas
 
 
+def count_calls(call: str, *args: str) -> int:
+    """How many `call`s an uninterrupted `neon ARGS` makes (in a scratch run directory)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        log = pathlib.Path(scratch) / "strace.log"
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        cmd = ["strace", "-f", "-qq", "-o", str(log), "-e", f"trace={CALLS[call]}", sys.executable, "-m", "neon_scale.cli",
+               *args, "--run-dir", str(pathlib.Path(scratch) / "run")]
+        subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, check=True, timeout=900)
+        return sum(1 for line in log.read_text().splitlines() if "resumed>" not in line and "+++" not in line)
+
+
+def kill_points() -> list[tuple[str, int]]:
+    if os.environ.get("NEON_KILL_POINTS") == "all" and _strace_works():
+        return [(call, n) for call in CALLS for n in range(1, count_calls(call, "run", *RUN_ARGS) + 1)]
+    return [("rename", 1), ("rename", 20), ("rename", 44), ("unlink", 40)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("call, n", [("rename", 1), ("rename", 8), ("rename", 20), ("rename", 33), ("rename", 44),
-                                     ("unlink", 3), ("unlink", 20), ("unlink", 40)])
+@pytest.mark.parametrize("call, n", kill_points())
 def test_run_killed_at_a_rename_or_unlink_resumes_to_the_same_result(reference, tmp_path, call, n):
     run_dir = tmp_path / "run"
     proc = killed_at(call, n, "run", "--run-dir", str(run_dir), *RUN_ARGS)

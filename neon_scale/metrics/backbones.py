@@ -8,7 +8,8 @@ Every backbone takes uint8 images [N, C, H, W] (C = 1 or 3; NHWC with layout="nh
 - `classifier`: a small CNN trained by the project on the real training split (digits and other
   data Inception does not see well); its logits are the class scores.
 
-Grey images are repeated to 3 channels for the ImageNet backbones.
+Grey images are repeated to 3 channels for the ImageNet backbones. Every backbone's weights go
+through `load_weights`: a strict load, then one line naming the first tensor holding NaN/inf.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from .. import io
 from ..errors import NeonError
 
 BACKBONES = ["inception", "dinov2", "classifier"]
@@ -45,6 +47,16 @@ def as_rgb(images: torch.Tensor, layout: str = "nchw") -> torch.Tensor:
 def check_name(name: str, where: str) -> None:
     if name not in BACKBONES:
         raise NeonError(f"{where}: unknown feature backbone {name!r}; known: {', '.join(BACKBONES)}")
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`io.load_into` (strict, one line per bad key or shape), then reject NaN/inf: such weights give
+    NaN features and so NaN metrics, far from the file that caused them."""
+    io.load_into(module, state, source)
+    for key, value in state.items():  # file order: the first bad key is named
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise NeonError(f"{source}: key '{key}' holds {bad} non-finite value(s) (NaN/inf) of {value.numel()}")
 
 
 def load_backbone(name: str, weights: str, device: torch.device | None = None, batch_size: int = 64) -> Backbone:

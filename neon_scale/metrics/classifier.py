@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import io
 from ..errors import NeonError
+from .backbones import load_weights
 
 
 # ------------------------------------------------------------------------------------ network
@@ -98,7 +99,7 @@ def load_classifier(path: str | pathlib.Path) -> tuple[SmallCNN, dict]:
     except Exception as e:  # noqa: BLE001  (safetensors' header errors)
         raise NeonError(f"{path}: cannot read safetensors file ({e})") from None
     net = SmallCNN(**arch)
-    io.load_into(net, io.load_state_dict(path), f"{path} (classifier)")
+    load_weights(net, io.load_state_dict(path), f"{path} (classifier)")
     return net.eval().requires_grad_(False), meta
 
 

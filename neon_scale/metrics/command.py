@@ -1,7 +1,8 @@
 """`neon fid INPUT [INPUT2 | --ref REF.npz] --weights W.pth ...`: FID / IS / KID / PR of image sets.
 
 Inputs: folders of PNG/JPEG, ADM sample batches (.npz with arr_0), webdataset shards, or (INPUT
-only, FID only) a statistics .npz with mu/sigma. Everything is checked before any image is decoded.
+only, FID only) a statistics .npz with mu/sigma. Everything is checked before any image is decoded;
+non-finite features or metrics are an error before anything is written (never a bare NaN in JSON).
 Under `torchrun`/`deepspeed` every rank extracts a disjoint share; rank 0 writes the results.
 `--features` picks the backbone (`backbones.py`): Inception (FID, the default), DINOv2 (FD_DINOv2)
 or the project's classifier; the Frechet distance is reported under the backbone's metric name.
@@ -9,6 +10,7 @@ or the project's classifier; the Frechet distance is reported under the backbone
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
@@ -17,6 +19,7 @@ from ..console import log
 from ..errors import NeonError
 
 METRICS = ("fid", "isc", "kid", "prc")
+SCORES = ("is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall")  # besides the Frechet distance
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +46,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (default 1000)")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
     p.add_argument("--device", help="cpu or cuda (default: cuda:LOCAL_RANK when available)")
+    p.add_argument("--trust-pickles", action="store_true", help="let torch.load unpickle classes outside the "
+                                                                "allow-list in --weights (only for files you made)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -79,6 +84,13 @@ def _open(path: str, role: str, wanted: list[str]):
     return "images", open_source(path)
 
 
+def _check_finite(results: dict, names, where: str) -> None:
+    """Non-finite metrics: one line naming them and `where` (the inputs), before anything is written."""
+    bad = [f"{k} = {results[k]}" for k in names if k in results and not math.isfinite(results[k])]
+    if bad:
+        raise NeonError(f"{', '.join(bad)} for {where}: not a finite number; nothing written")
+
+
 def run_cli(args: argparse.Namespace) -> None:
     from .fid import check_same_dim, frechet_distance, read_stats, write_stats
 
@@ -96,13 +108,14 @@ def run_cli(args: argparse.Namespace) -> None:
         raise NeonError(f"--kid-subset-size must be >= 2, got {args.kid_subset_size}")
     paths = {"input1": args.input, "input2": args.input2 or args.ref}
 
+    import numpy as np
     import torch  # the heavy imports (torch-fidelity pulls torchvision) after the cheap checks
 
     from .backbones import METRIC_NAMES, load_backbone
     from .features import FeatureStats, extract
     from .scores import inception_score, kernel_inception_distance, precision_recall
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:  # under a launcher: checked and joined
         dist.init()
     device = torch.device(args.device) if args.device else None
     extractor = None
@@ -126,7 +139,11 @@ def run_cli(args: argparse.Namespace) -> None:
         acc = FeatureStats.for_backbone(extractor, keep_pool="kid" in wanted or "prc" in wanted,
                                         keep_logits="isc" in wanted and role == "input1")
         timing = extract(value, extractor, acc, args.workers, args.skip_bad, label=f"{role} features")
-        stats[role] = acc.finish()
+        stats[role] = acc.finish(paths[role])
+        if not (np.isfinite(stats[role]["mu"]).all() and np.isfinite(stats[role]["sigma"]).all()):
+            # images are finite uint8: NaN/inf comes from the network (overflow, a negative BN variance)
+            raise NeonError(f"{paths[role]}: the {args.features} features contain NaN/inf (backbone weights "
+                            f"{args.weights}); nothing written")
         for k, v in timing.items():
             seconds[k] = seconds.get(k, 0.0) + v
         if stats[role]["bad"]:
@@ -136,16 +153,20 @@ def run_cli(args: argparse.Namespace) -> None:
     s1, s2 = stats["input1"], stats.get("input2")
     fd_name = METRIC_NAMES[args.features]
     results["features"] = args.features
-    if "fid" in wanted:
-        results[fd_name] = frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"])
+    with np.errstate(all="ignore"):  # an overflow ends as a non-finite metric: one line below, not a warning
+        if "fid" in wanted:
+            results[fd_name] = frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"])
+        if dist.is_main():
+            if "isc" in wanted:
+                results["is_mean"], results["is_std"] = inception_score(s1["logits"])
+            if "kid" in wanted:
+                results["kid_mean"], results["kid_std"] = kernel_inception_distance(
+                    s1["pool"], s2["pool"], args.kid_subsets, args.kid_subset_size)
+            if "prc" in wanted:
+                results["precision"], results["recall"] = precision_recall(s1["pool"], s2["pool"])
     if dist.is_main():
-        if "isc" in wanted:
-            results["is_mean"], results["is_std"] = inception_score(s1["logits"])
-        if "kid" in wanted:
-            results["kid_mean"], results["kid_std"] = kernel_inception_distance(
-                s1["pool"], s2["pool"], args.kid_subsets, args.kid_subset_size)
-        if "prc" in wanted:
-            results["precision"], results["recall"] = precision_recall(s1["pool"], s2["pool"])
+        backbone = f"; {args.features} features, weights {args.weights}" if extractor else ""
+        _check_finite(results, (fd_name, *SCORES), " and ".join(paths[r] for r in stats) + backbone)
         results["n"] = {role: s["n"] for role, s in stats.items()}
         results["inputs"] = {role: paths[role] for role in stats}
         images = sum(s["n"] or 0 for s in stats.values())

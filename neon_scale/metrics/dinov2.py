@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import io
 from ..errors import NeonError
-from .backbones import as_rgb
+from .backbones import as_rgb, load_weights
 from .features import default_device
 from .inception import no_tf32
 
@@ -266,7 +266,7 @@ def load_dinov2(path: str | pathlib.Path, device: torch.device | str = "cpu") ->
     state = io.load_state_dict(path)
     arch = arch_from_state(state, source)
     model = DINOv2(arch)
-    io.load_into(model, state, source)
+    load_weights(model, state, source)
     return model.float().requires_grad_(False).eval().to(device)
 
 

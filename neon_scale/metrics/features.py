@@ -101,13 +101,16 @@ class FeatureStats:
         """In-memory uint8 images (e.g. straight from a sampler) with their global indices."""
         self.add(index, *features(images, layout))
 
-    def finish(self) -> dict:
-        """All ranks: mu/sigma (float64) and n; rank 0 also `pool`/`logits` in global index order."""
+    def finish(self, source: str | None = None) -> dict:
+        """All ranks: mu/sigma (float64) and n; rank 0 also `pool`/`logits` in global index order.
+        `source` (the input's path) names the input when it has fewer than 2 images."""
         self.moments.all_reduce()
         counts = torch.tensor([float(self.n), float(self.bad)], dtype=torch.float64)
         dist.all_reduce_sum(counts)
         out = {"n": int(counts[0].item()), "bad": int(counts[1].item())}
-        mu, sigma = self.moments.mean_cov()
+        # the global counts: every rank raises the same line; skipped images explain a short input
+        skipped = f" ({out['bad']} unreadable image(s) skipped by --skip-bad)" if out["bad"] else ""
+        mu, sigma = self.moments.mean_cov(source, skipped)
         out.update(mu=mu.numpy(), sigma=sigma.numpy())
         index = torch.cat(self.index) if self.index else torch.zeros(0, dtype=torch.int64)
         for name, keep, dim in (("pool", self.keep_pool, self.dim), ("logits", self.keep_logits, self.logits_dim)):

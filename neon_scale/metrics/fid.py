@@ -4,7 +4,8 @@ Moments accumulate sum(x), sum(x x^T) and the count in float64, are summed acros
 all-reduce, and give (mu, sigma) with the unbiased covariance. The distance is torch-fidelity
 0.4's: ||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 sum(Re sqrt(eigvals(s1 @ s2))).
 Stats files hold `mu` [d] and `sigma` [d, d], as the ADM reference batches do, so numbers are
-comparable with published ones.
+comparable with published ones. `read_stats` rejects a `sigma` that is no covariance (see
+`check_covariance`): the formula above then gives meaningless numbers (sigma = -I: FID -1427).
 """
 from __future__ import annotations
 
@@ -38,10 +39,12 @@ class Moments:
         self.outer = flat[1 + self.dim:].reshape(self.dim, self.dim).clone()
         return self
 
-    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def mean_cov(self, source: str | None = None, note: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, unbiased covariance); fewer than 2 samples is one line naming `source`, plus `note`."""
         n = self.count
         if n < 2:
-            raise NeonError(f"need at least 2 samples for a covariance, got {n}")
+            where = f"{source}: " if source else ""
+            raise NeonError(f"{where}need at least 2 samples for a covariance, got {n}{note}")
         mu = self.sum / n
         cov = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
         return mu, cov
@@ -51,7 +54,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = (np.asarray(m, dtype=np.float64) for m in (mu1, mu2))
     sigma1, sigma2 = (np.asarray(s, dtype=np.float64) for s in (sigma1, sigma2))
     diff = mu1 - mu2
-    eig = np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128)
+    product = sigma1 @ sigma2
+    if not np.isfinite(product).all():  # overflow (absurd scales): eigvals would raise; callers reject NaN
+        return float("nan")
+    eig = np.linalg.eigvals(product).astype(np.complex128)
     tr_sqrt = np.sqrt(eig).real.sum()
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
 
@@ -74,7 +80,31 @@ def read_stats(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
         raise NeonError(f"{path}: 'mu' {mu.shape} and 'sigma' {sigma.shape} are not [d] and [d, d]")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise NeonError(f"{path}: 'mu'/'sigma' contain non-finite values")
+    check_covariance(sigma, path)
     return mu, sigma
+
+
+# Relative tolerances for a stored covariance. Our own sigmas (n < d, rank-deficient) measure
+# asymmetry 0 and smallest/largest eigenvalue -7e-16 as float64, -3e-9 once stored as float32:
+# 1e-6 accepts those with a wide margin and still rejects anything that is not a covariance.
+SYMMETRY_RTOL = 1e-6
+PSD_RTOL = 1e-6
+
+
+def check_covariance(sigma: np.ndarray, path) -> None:
+    """One line unless `sigma` is a covariance up to rounding: max|S - S^T| <= SYMMETRY_RTOL * max|S|
+    and the smallest eigenvalue of (S + S^T) / 2 >= -PSD_RTOL * its largest |eigenvalue|
+    (relative, so the check does not depend on the features' scale; an all-zero sigma passes)."""
+    scale = np.abs(sigma).max(initial=0.0)
+    asym = np.abs(sigma - sigma.T).max(initial=0.0)
+    if asym > SYMMETRY_RTOL * scale:
+        raise NeonError(f"{path}: 'sigma' is not symmetric (max |sigma - sigma^T| = {asym:.3g}, max |sigma| = "
+                        f"{scale:.3g}; tolerance {SYMMETRY_RTOL:g} relative): not a covariance matrix")
+    eig = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    top = np.abs(eig).max(initial=0.0)
+    if eig.size and eig[0] < -PSD_RTOL * top:
+        raise NeonError(f"{path}: 'sigma' is not positive semi-definite (smallest eigenvalue {eig[0]:.6g}, "
+                        f"largest |eigenvalue| {top:.6g}; tolerance {PSD_RTOL:g} relative): not a covariance matrix")
 
 
 def write_stats(path: str | pathlib.Path, mu, sigma, n: int) -> None:

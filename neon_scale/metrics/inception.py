@@ -6,7 +6,7 @@ weights file (`weights-inception-2015-12-05-6726825d.pth`, the TF-ported FID net
 - input is already resized and normalised (`metrics.preprocess`, the csrc op);
 - every conv + batch-norm pair is folded into one conv (computed in float64, stored float32);
 - activations run channels-last on CPU (oneDNN's fast path).
-The file is read with `torch.load(weights_only=True)` (or safetensors): never a pickle.
+The file is read by `io.torch_load` (weights_only=True, allow-listed) or as safetensors: never a pickle.
 Outputs: the 2048-d pool features (FID/KID/PR) and 1008 `logits_unbiased` (IS), float32.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 
 from .. import io
 from ..errors import NeonError
+from .backbones import load_weights
 
 FEATURE_DIM = 2048
 LOGITS_DIM = 1008
@@ -89,14 +90,9 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise NeonError(f"{path}: Inception weights not found; download torch-fidelity's FID InceptionV3 "
                         f"({URL_INCEPTION_V3}) and pass its local path with --weights")
-    try:
-        if path.suffix == ".safetensors":
-            return io.load_state_dict(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except NeonError:
-        raise
-    except Exception as e:  # noqa: BLE001 (any unreadable file is the same user error)
-        raise NeonError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if path.suffix == ".safetensors":
+        return io.load_state_dict(path)
+    state = io.torch_load(path, "Inception weights file")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -117,7 +113,7 @@ def no_tf32():
 
 def load_inception(path: str | pathlib.Path, device: torch.device | str = "cpu", fold: bool = True) -> InceptionV3:
     model = InceptionV3()
-    io.load_into(model, read_state_dict(path), f"{path} (torch-fidelity's InceptionV3 weights)")
+    load_weights(model, read_state_dict(path), f"{path} (torch-fidelity's InceptionV3 weights)")
     model = model.float().requires_grad_(False).eval()
     if fold:
         fold_batchnorm(model)
