@@ -342,7 +342,9 @@ def validate(cfg: Config, where: str) -> None:
             spec.parse_sampler({cfg.sweep.guidance_key: value}, where, f"sweep.guidance[{i}]")
     elif cfg.sweep.guidance:
         raise NeonError(f"{where}: 'sweep.guidance' is set but 'sweep.guidance_key' is not")
-    cfg.sweep.w_grid()  # raises on an empty grid
+    cfg.sweep.w_grid()  # raises on an empty grid, or one too large
+    if cfg.sweep.repeats == 1:
+        raise NeonError(f"{where}: 'sweep.repeats' = 1 gives no standard error: 0 (off) or at least 2")
     if cfg.base.weights is not None:
         if cfg.base.random_init:
             raise NeonError(f"{where}: 'base.random_init' is true but 'base.weights' = {cfg.base.weights!r} is set too")

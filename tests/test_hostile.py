@@ -27,9 +27,14 @@ def _toy_args(run_dir, *extra):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A toy run through base, synth and train (ZeRO 2 checkpoints at steps 6, 9, 12); tests copy it."""
+    """A toy run through base, synth and train (ZeRO 2 checkpoints at steps 6, 9, 12), made under
+    umask 022 (test_outputs_get_the_mode_the_umask_gives reads its modes); tests copy it."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    proc = neon("run", "--stage", "base", "--stage", "synth", "--stage", "train", *_toy_args(run_dir))
+    old = os.umask(0o022)
+    try:
+        proc = neon("run", "--stage", "base", "--stage", "synth", "--stage", "train", *_toy_args(run_dir))
+    finally:
+        os.umask(old)
     assert proc.returncode == 0, proc.stderr
     return run_dir
 
@@ -168,6 +173,7 @@ def test_negative_w_with_or_without_equals(pair):
     ("sweep.tol=.nan", "'sweep.tol' = nan is not a finite number"),
     ("eval.n=1", "'eval.n' = 1 is below the minimum 2"),
     ("synth.samplers=[{zeta: .nan}]", "is not a finite number"),
+    ("sweep.repeats=1", "'sweep.repeats' = 1 gives no standard error"),
 ])
 def test_config_values_that_cannot_work_are_refused_before_anything_is_written(run_dir, setting, needle):
     proc = neon("run", "--config", str(TOY), "--run-dir", str(run_dir), "--set", setting, timeout=60)
@@ -196,9 +202,7 @@ def umask_022():
 
 
 def test_outputs_get_the_mode_the_umask_gives(trained, tmp_path, umask_022):
-    run_dir = tmp_path / "run"
-    proc = neon("run", "--stage", "base", "--stage", "synth", "--stage", "train", *_toy_args(run_dir))
-    assert proc.returncode == 0, proc.stderr
+    run_dir = trained
     assert _modes_readable(run_dir) == []
     ckpt = run_dir / "train" / SAMPLER / "ckpt"
     assert neon("consolidate", str(ckpt), "-o", str(tmp_path / "cons")).returncode == 0
