@@ -35,9 +35,10 @@ bench-digits: install
 	$(RUN) $(PY) bench/digits_control.py runs/digits_dit-seed0
 
 # a toy run killed at every rename and every unlink (strace), each resumed and compared with an
-# uninterrupted run (about 100 kill points, 40 min on 2 cores; `make test` takes a spread of 4)
+# uninterrupted run, and consolidate --overwrite at every point (about 100 kill points, 30 min on
+# 2 cores; `make test` takes 2 points of the run and consolidate's renames)
 bench-kills: install
-	NEON_KILL_POINTS=all $(RUN) $(PY) -m pytest -q tests/test_kills.py -k run_killed
+	NEON_KILL_POINTS=all $(RUN) $(PY) -m pytest -q tests/test_kills.py -k "run_killed or consolidate"
 
 tiny-assets: install
 	$(RUN) $(PY) tools/make_tiny_assets.py runs/tiny-assets

@@ -131,7 +131,9 @@ def restore_dir(out: pathlib.Path) -> None:
         _remove(p)
 
 
-_STALE = re.compile(r"\..+\.(.+\.tmp|partial-.+)")
+# ours (`.<name>.*.tmp`, `.<name>.partial-*`) and the safetensors library's own (`.tmp` + 6
+# characters: it writes there and renames onto the path it is given)
+_STALE = re.compile(r"\..+\.(.+\.tmp|partial-.+)|\.tmp[A-Za-z0-9]{6}")
 
 
 def remove_stale(directory: str | os.PathLike, recursive: bool = True, of: str | None = None) -> int:

@@ -121,6 +121,7 @@ def test_merge_refuses_a_lying_safetensors_header(tmp_path, header, size, needle
     proc = neon("merge", str(tmp_path / "base.safetensors"), str(tmp_path / "self.safetensors"), "--w", "1",
                 "-o", str(tmp_path / "out"))
     assert_one_line_error(proc, "base.safetensors", needle)
+    assert proc.returncode == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "self.safetensors"]
 
 
@@ -148,6 +149,7 @@ def test_hostile_w_values_write_nothing(pair, ws, needle):
     args = [a for w in ws for a in ("--w", w)]
     proc = neon("merge", str(d / "base.safetensors"), str(d / "self.safetensors"), *args, "-o", str(d / "out"))
     assert_one_line_error(proc, needle)
+    assert proc.returncode == 2
     assert sorted(p.name for p in d.iterdir()) == ["base.safetensors", "self.safetensors"]
 
 
@@ -246,11 +248,13 @@ def test_stale_temporaries_of_killed_runs_are_removed(trained, tmp_path):
 # ------------------------------------------------------------------------------ full disk
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A real 1.5 MiB filesystem (tmpfs), so that writes meet ENOSPC; skipped where mounting is not allowed."""
+def small_disk(tmp_path, request):
+    """A real small filesystem (tmpfs, 1.5 MiB unless the test asks for another size), so that
+    writes meet ENOSPC; skipped where mounting is not allowed."""
+    size = getattr(request, "param", "1536k")
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mnt)], capture_output=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
     if proc.returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN)")
     yield mnt
@@ -267,7 +271,31 @@ def test_a_full_disk_is_one_line_naming_the_file(small_disk, tmp_path):
     assert proc.returncode == 2 and list(small_disk.iterdir()) == []
 
 
-def test_a_run_on_a_full_disk_stops_with_one_line(small_disk):
-    proc = neon("run", *_toy_args(small_disk / "run", "synth.n=20000", "synth.shard_size=20000"))
-    assert_one_line_error(proc, "no space left on device")
+@pytest.mark.parametrize("small_disk, settings, needle", [
+    ("1536k", ["synth.n=20000", "synth.shard_size=20000"], "shard-000000.tar: no space left on device"),
+    ("1000k", [], "step000003: no space left on device while DeepSpeed saved the checkpoint"),  # synth fits
+], indirect=["small_disk"])
+def test_a_run_on_a_full_disk_stops_with_one_line(small_disk, settings, needle):
+    proc = neon("run", *_toy_args(small_disk / "run", "train.ckpt_every_images=1200", *settings))
+    assert_one_line_error(proc, needle)
     assert proc.returncode == 2
+
+
+def test_fid_outputs_clear_the_temporaries_of_a_killed_run(tmp_path):
+    import numpy as np
+
+    from neon_scale.metrics.fid import write_stats
+
+    gen = np.random.default_rng(0)
+    for name in ("a", "b"):
+        x = gen.normal(size=(50, 4))
+        write_stats(tmp_path / f"{name}.npz", x.mean(0), np.cov(x, rowvar=False), 50)
+    stale = [tmp_path / ".fid.json.x1.tmp", tmp_path / ".s.npz.y2.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+        os.utime(p, (1e9, 1e9))
+    proc = neon("fid", str(tmp_path / "a.npz"), "--ref", str(tmp_path / "b.npz"), "--weights", "unused.pth",
+                "--json", str(tmp_path / "fid.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "fid.json").read_text())["fid"] > 0
+    assert not stale[0].exists() and stale[1].exists()  # only the temporaries of the outputs written

@@ -5,6 +5,7 @@ These tests kill a run at a spread of points; `make bench-kills` (NEON_KILL_POIN
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from .conftest import ROOT, TOY, neon, small_overrides
 
-CALLS = {"rename": "rename,renameat,renameat2", "unlink": "unlink,unlinkat,rmdir"}
+# strace counts each system call on its own (`when=N` is the N-th call of that name), so kill
+# points are (name, N) for every name a command uses
+CALLS = ("rename", "renameat", "renameat2", "unlink", "unlinkat", "rmdir")
 
 
 def _strace_works() -> bool:
@@ -30,16 +33,18 @@ pytestmark = pytest.mark.skipif(not _strace_works(), reason="strace is absent or
 
 
 def killed_at(call: str, n: int, *args: str) -> subprocess.CompletedProcess:
-    """`neon ARGS` killed (SIGKILL) at its n-th `call` (rename or unlink family)."""
+    """`neon ARGS` killed (SIGKILL) at its n-th system call `call` (one of CALLS)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
-    cmd = ["strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={CALLS[call]}",
-           "-e", f"inject={CALLS[call]}:signal=KILL:when={n}", sys.executable, "-m", "neon_scale.cli", *args]
+    cmd = ["strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={call}",
+           "-e", f"inject={call}:signal=KILL:when={n}", sys.executable, "-m", "neon_scale.cli", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def leftovers(root: pathlib.Path) -> list[str]:
-    """Our temporary names anywhere under root: `.X.*.tmp`, `.X.partial-*`, `.X.old-*`."""
-    return sorted(str(p) for p in root.rglob(".*") if p.name.endswith(".tmp") or ".partial-" in p.name or ".old-" in p.name)
+    """Temporary names anywhere under root: ours (`.X.*.tmp`, `.X.partial-*`, `.X.old-*`) and the
+    safetensors library's (`.tmpXXXXXX`)."""
+    return sorted(str(p) for p in root.rglob(".*") if p.name.endswith(".tmp") or p.name.startswith(".tmp")
+                  or ".partial-" in p.name or ".old-" in p.name)
 
 
 def assert_complete_files(root: pathlib.Path) -> None:
@@ -100,7 +105,7 @@ def kill_at_every_point(call: str, out: pathlib.Path, write_new: list[str], writ
     return n - 1
 
 
-@pytest.mark.parametrize("call", ["rename", "unlink"])
+@pytest.mark.parametrize("call", ["renameat2", "unlinkat", "rmdir"])  # what the swap and the clean-up use
 def test_merge_overwrite_killed_at_every_rename_and_unlink(two_checkpoints, call):
     d = two_checkpoints
     inputs = [str(d / "base.safetensors"), str(d / "self.safetensors")]
@@ -110,14 +115,16 @@ def test_merge_overwrite_killed_at_every_rename_and_unlink(two_checkpoints, call
     assert points >= 1
 
 
-def test_consolidate_overwrite_killed_at_every_rename(tmp_path):
-    """The unlink points of the swap are merge's (the same staged_output); here the renames."""
+@pytest.mark.parametrize("call", ["renameat2", "unlinkat", "rmdir"] if os.environ.get("NEON_KILL_POINTS") == "all"
+                         else ["renameat2"])
+def test_consolidate_overwrite_killed_at_every_point(tmp_path, call):
+    """In make test the swap only: the clean-up after it is merge's (the same staged_output)."""
     args = ["--config", str(TOY), "--run-dir", str(tmp_path / "run"),
             *small_overrides("synth.samplers=[{zeta: 1.1}]", "train.save_steps=[12]", "train.keep_last=3")]
     assert neon("run", "--stage", "base", "--stage", "synth", "--stage", "train", *args).returncode == 0
     ckpt = str(tmp_path / "run" / "train" / "zeta=1.1" / "ckpt")
     out = tmp_path / "cons"
-    points = kill_at_every_point("rename", out, ["consolidate", ckpt, "-o", str(out), "--overwrite"],
+    points = kill_at_every_point(call, out, ["consolidate", ckpt, "-o", str(out), "--overwrite"],
                                  ["consolidate", ckpt, "--tag", "step000006", "-o", str(out), "--overwrite"])
     assert points >= 1
 
@@ -141,23 +148,27 @@ def _results(run_dir: pathlib.Path) -> tuple:
     return summary, thetas
 
 
-def count_calls(call: str, *args: str) -> int:
-    """How many `call`s an uninterrupted `neon ARGS` makes (in a scratch run directory)."""
+def count_calls(*args: str) -> dict[str, int]:
+    """How many of each of CALLS an uninterrupted `neon ARGS` makes (in a scratch run directory)."""
+    import collections
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
         log = pathlib.Path(scratch) / "strace.log"
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-        cmd = ["strace", "-f", "-qq", "-o", str(log), "-e", f"trace={CALLS[call]}", sys.executable, "-m", "neon_scale.cli",
-               *args, "--run-dir", str(pathlib.Path(scratch) / "run")]
+        cmd = ["strace", "-f", "-qq", "-o", str(log), "-e", f"trace={','.join(CALLS)}", sys.executable, "-m",
+               "neon_scale.cli", *args, "--run-dir", str(pathlib.Path(scratch) / "run")]
         subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, check=True, timeout=900)
-        return sum(1 for line in log.read_text().splitlines() if "resumed>" not in line and "+++" not in line)
+        name = re.compile(rf"^(?:\[pid +\d+\] |\d+ +)?({'|'.join(CALLS)})\(")  # not signals, not resumptions
+        return collections.Counter(m[1] for line in log.read_text().splitlines() if (m := name.match(line)))
 
 
 def kill_points() -> list[tuple[str, int]]:
     if os.environ.get("NEON_KILL_POINTS") == "all" and _strace_works():
-        return [(call, n) for call in CALLS for n in range(1, count_calls(call, "run", *RUN_ARGS) + 1)]
-    return [("rename", 20), ("unlink", 40)]  # mid-train and mid-sweep; every point: make bench-kills
+        counts = count_calls("run", *RUN_ARGS)
+        return [(call, n) for call in CALLS for n in range(1, counts.get(call, 0) + 1)]
+    # mid-train, the safetensors library's rename of the base weights, mid-sweep; every point: make bench-kills
+    return [("rename", 20), ("renameat", 1), ("unlink", 40)]
 
 
 @pytest.mark.slow

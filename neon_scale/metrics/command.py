@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pathlib
 import time
 
 from .. import dist, io
@@ -173,6 +174,9 @@ def run_cli(args: argparse.Namespace) -> None:
         results["images_per_s"] = images / max(elapsed, 1e-9)
         results["ranks"] = dist.world()
         results["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        for target in filter(None, (args.save_stats, args.json)):  # a killed earlier run's temporaries
+            target = pathlib.Path(target)
+            io.remove_stale(target.parent, recursive=False, of=target.name)
         if args.save_stats:
             write_stats(args.save_stats, s1["mu"], s1["sigma"], s1["n"])
         if args.json:
