@@ -10,7 +10,7 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || 
 # The venv's bin first: its ninja must build extensions, not the system one.
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu
 
-.PHONY: install demo digits bench-digits bench-kills test tiny-assets clean-runs
+.PHONY: install demo digits bench-digits bench-kills bench-matrix test tiny-assets clean-runs
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): setup.py requirements.txt constraints.txt tools/fix_torchvision_cpu.py
 	$(PIP) -c constraints.txt -r requirements.txt $(QUIET)
 	$(PIP) -c constraints.txt --no-build-isolation --no-deps -e . $(QUIET)
 	$(PY) tools/fix_torchvision_cpu.py
-	$(RUN) $(PY) -c "import torch, deepspeed, triton, webdataset, safetensors, rich, torch_fidelity, neon_scale.kernels, neon_scale._fid_ops, diffusers, sklearn"
+	$(RUN) $(PY) -c "import torch, deepspeed, triton, webdataset, safetensors, rich, torch_fidelity, neon_scale.kernels, neon_scale._fid_ops, diffusers, sklearn, tensorboard"
 	touch $(STAMP)
 
 demo: install
@@ -43,8 +43,14 @@ bench-kills: install
 tiny-assets: install
 	$(RUN) $(PY) tools/make_tiny_assets.py runs/tiny-assets
 
+# every test but the rest of the configuration matrices (their representative cases run here)
 test: install
-	$(RUN) $(PY) -m pytest -q tests
+	$(RUN) $(PY) -m pytest -q -m "not matrix" tests
+
+# the whole matrices: train kill/resume (ZeRO 2/3 x fp32/bf16), resume on another world size and
+# the reshard (ZeRO 1/2/3 x fp32/bf16 x 2->1/1->2); about 10 min on 2 cores
+bench-matrix: install
+	$(RUN) $(PY) -m pytest -q -m matrix tests
 
 clean-runs:
 	rm -rf runs

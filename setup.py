@@ -65,6 +65,7 @@ setup(
         "numpy",
         "matplotlib",
         "pillow",
+        "tensorboard",  # training and sweep curves (neon_scale.tracking)
         "scikit-learn",  # the built-in real data set (data.source: digits)
     ],
     # diffusers: only the Stable Diffusion VAE (DiT) needs it (neon_scale.models.vae.load_sd_vae).

@@ -1,19 +1,24 @@
-"""Turn a Slurm allocation into one `deepspeed` command for launchers/neon.py.
+"""Turn a Slurm allocation into the one command that starts launchers/neon.py on every GPU.
 
   python launchers/hostfile.py -- --config configs/toy2d.yaml --set train.lr=1e-5
   python launchers/hostfile.py --dry-run --env-file job.env -- --config configs/toy2d.yaml
+  NEON_LAUNCHER=deepspeed python launchers/hostfile.py --dry-run -- --config configs/toy2d.yaml
 
-Run it once per job, on the batch host (launchers/slurm/*.sbatch do): it writes the DeepSpeed
-hostfile (`host slots=N`, N = GPUs per node) and execs the command; --dry-run prints both
-instead. --env-file reads KEY=VALUE lines in place of the environment, to see what a given
-allocation would run. Errors print one line and exit 2.
+Run it once per job, on the batch host (launchers/slurm/*.sbatch do). Two launchers:
+  srun       (default) `srun --kill-on-bad-exit=1 python launchers/neon.py ARGS`: one task per
+             GPU as the job asked for (--ntasks-per-node), no ssh; each task finds its rank,
+             the world and rank 0's host in Slurm's variables (neon_scale.dist).
+  deepspeed  `deepspeed` from this node: one node -> `--num_gpus N`; several -> a hostfile
+             (`host slots=N`, N = GPUs per node) and `--launcher pdsh` (ssh between the nodes).
+--launcher, else NEON_LAUNCHER, picks one. The command replaces this process (its exit status is
+the launcher's); --dry-run prints the hostfile (deepspeed) and the command instead. --env-file
+reads KEY=VALUE lines in place of the environment, to see what a given allocation would run.
+Errors print one line and exit 2.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -21,80 +26,34 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+try:
+    from neon_scale.slurm import expand_nodelist, job_port
+except ImportError:  # run as a file from a checkout whose package is not installed: use the checkout's
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from neon_scale.slurm import expand_nodelist, job_port
+
 SCRIPT = "launchers/neon.py"
-# Several nodes: `--launcher pdsh`, from reading deepspeed/launcher/{runner,multinode_runner}.py.
+LAUNCHERS = ("srun", "deepspeed")
+LAUNCHER_ENV = "NEON_LAUNCHER"
+# srun: --kill-on-bad-exit=1 ends the other tasks (SIGTERM, then SIGKILL after KillWait) when one
+# exits non-zero, as torchrun and deepspeed do; otherwise the peers of a failed rank wait in a
+# collective until NEON_DIST_TIMEOUT. Ranks stopping resumably all exit 3 at the same point, and
+# the SIGTERM only reaches their stop handler, so srun still returns 3 (it returns the highest exit
+# status, or 128 + the highest signal when a task was killed by one).
+SRUN = ["srun", "--kill-on-bad-exit=1"]
+# deepspeed, several nodes: `--launcher pdsh`, from reading deepspeed/launcher/{runner,multinode_runner}.py.
 # pdsh is the only backend that starts `deepspeed.launcher.launch` on every node, and that is
-# what gives each rank RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (neon_scale.dist
-# needs them). `slurm` (srun -n <all GPUs>) and `openmpi` (mpirun) start the script bare, so
-# every rank would quietly run as a world of one, and srun -n <all GPUs> does not fit an
-# allocation of one task per node anyway. --master_addr (the first node) spares DeepSpeed its
+# what gives each rank RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT. DeepSpeed's
+# `slurm` backend (srun -n <all GPUs>) does not fit an allocation of one task per node, and
+# `openmpi` (mpirun) starts the script bare. --master_addr (the first node) spares DeepSpeed its
 # `ssh <node> hostname -I` probe; its ssh check is kept (no --no_ssh_check): pdsh needs ssh to
 # the job's nodes (pam_slurm_adopt allows it), and without ssh the check fails early and clearly.
 # One node: `deepspeed --num_gpus N --master_port P`, no hostfile, no ssh. Either way GPUs
 # [0, N) of each node are used: with ConstrainDevices=yes (usual) a job sees only its own GPUs.
 LAUNCHER = "pdsh"
-# Master port: MASTER_PORT if set, else 20000 + SLURM_JOB_ID % 10000, below Linux's ephemeral
-# ports (32768+); two jobs on one node collide only if their ids differ by a multiple of 10000.
-# Without either, torch's default.
+# Master port: MASTER_PORT if set, else neon_scale.slurm.job_port (20000 + SLURM_JOB_ID % 10000,
+# the rule neon_scale.dist applies in srun's tasks). Without either, torch's default.
 DEFAULT_PORT = 29500
-
-_NUMBER = re.compile(r"[0-9]+")
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets; check that brackets are balanced and not nested."""
-    items, start, inside = [], 0, False
-    for i, ch in enumerate(text):
-        if ch == "[":
-            if inside:
-                raise ValueError(f"bad node list {text!r}: nested '['")
-            inside = True
-        elif ch == "]":
-            if not inside:
-                raise ValueError(f"bad node list {text!r}: ']' without '['")
-            inside = False
-        elif ch == "," and not inside:
-            items.append(text[start:i])
-            start = i + 1
-    if inside:
-        raise ValueError(f"bad node list {text!r}: '[' without ']'")
-    items.append(text[start:])
-    return items
-
-
-def _expand_brackets(body: str, text: str) -> list[str]:
-    """`01-03,07` -> 01 02 03 07 (a range keeps the width of its first number)."""
-    out = []
-    for part in body.split(","):
-        lo, dash, hi = part.partition("-")
-        if not _NUMBER.fullmatch(lo) or (dash and not _NUMBER.fullmatch(hi)):
-            raise ValueError(f"bad node list {text!r}: bad range {part!r} in [{body}]")
-        if not dash:
-            out.append(lo)
-        elif int(hi) < int(lo):
-            raise ValueError(f"bad node list {text!r}: reversed range {part!r}")
-        else:
-            out += [str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1)]
-    return out
-
-
-def expand_nodelist(text: str) -> list[str]:
-    """Expand Slurm node-list syntax like `scontrol show hostnames`, in order.
-
-    `gpu[01-03,07]` -> gpu01 gpu02 gpu03 gpu07; `rack[1-2]-gpu[1-2]` -> rack1-gpu1 rack1-gpu2
-    rack2-gpu1 rack2-gpu2; `a,b[1-2]` -> a b1 b2.
-    """
-    if not text.strip():
-        raise ValueError(f"bad node list {text!r}: empty")
-    nodes = []
-    for item in _split_top_level(text.strip()):
-        if not item.strip() or re.search(r"\s", item.strip()):
-            raise ValueError(f"bad node list {text!r}: empty or blank-containing name {item!r}")
-        # split() with a group alternates literal text and bracket bodies: a, 01-03, b, 1-2, ""
-        pieces = re.split(r"\[([^\]]*)\]", item.strip())
-        choices = [[p] if i % 2 == 0 else _expand_brackets(p, text) for i, p in enumerate(pieces)]
-        nodes += ["".join(combo) for combo in itertools.product(*choices)]
-    return nodes
 
 
 def _count(env: Mapping[str, str], key: str) -> int:
@@ -122,16 +81,14 @@ def gpus_per_node(env: Mapping[str, str]) -> int:
 
 def master_port(env: Mapping[str, str]) -> int:
     """MASTER_PORT, else derived from SLURM_JOB_ID (each array task has its own job id)."""
-    key = "MASTER_PORT" if env.get("MASTER_PORT", "").strip() else "SLURM_JOB_ID"
-    if not env.get(key, "").strip():
-        return DEFAULT_PORT
-    value = env[key].strip()
-    if not _NUMBER.fullmatch(value):
-        raise ValueError(f"{key}={value!r} is not a number")
-    port = int(value) if key == "MASTER_PORT" else 20000 + int(value) % 10000
-    if not 1 <= port <= 65535:
-        raise ValueError(f"MASTER_PORT={value!r} is not a port (1-65535)")
-    return port
+    if env.get("MASTER_PORT", "").strip():
+        value = env["MASTER_PORT"].strip()
+        if not value.isdigit() or not 1 <= int(value) <= 65535:
+            raise ValueError(f"MASTER_PORT={value!r} is not a port (1-65535)")
+        return int(value)
+    if env.get("SLURM_JOB_ID", "").strip():
+        return job_port(env["SLURM_JOB_ID"])
+    return DEFAULT_PORT
 
 
 def job_nodes(env: Mapping[str, str]) -> list[str]:
@@ -161,10 +118,20 @@ def write_hostfile(nodes: Sequence[str], slots: int, path: str | os.PathLike) ->
     return path
 
 
+def launcher_name(env: Mapping[str, str], chosen: str | None = None) -> str:
+    """--launcher, else NEON_LAUNCHER, else srun."""
+    name = chosen or env.get(LAUNCHER_ENV, "").strip() or "srun"
+    if name not in LAUNCHERS:
+        raise ValueError(f"{LAUNCHER_ENV}={name!r}: choose {' or '.join(LAUNCHERS)}")
+    return name
+
+
 def launch_command(env: Mapping[str, str], script_args: Sequence[str],
-                   hostfile_path: str | os.PathLike, port: int | None = None) -> list[str]:
-    """The one `deepspeed` command for this job (see LAUNCHER for the choices)."""
+                   hostfile_path: str | os.PathLike, port: int | None = None, launcher: str = "srun") -> list[str]:
+    """The one command for this job (see SRUN and LAUNCHER for the choices)."""
     nodes = job_nodes(env)
+    if launcher == "srun":  # every task runs the script; neon_scale.dist reads Slurm's variables
+        return [*SRUN, "python", SCRIPT, *script_args]
     port = master_port(env) if port is None else port
     if len(nodes) == 1:
         head = ["deepspeed", "--num_gpus", str(gpus_per_node(env)), "--master_port", str(port)]
@@ -192,26 +159,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, script_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(
-        prog="launchers/hostfile.py", usage="%(prog)s [--dry-run] [--hostfile PATH] [--env-file FILE] -- ARGS",
-        description="Write the DeepSpeed hostfile for this Slurm job and run launchers/neon.py ARGS.")
+        prog="launchers/hostfile.py",
+        usage="%(prog)s [--dry-run] [--launcher srun|deepspeed] [--hostfile PATH] [--env-file FILE] -- ARGS",
+        description="Run launchers/neon.py ARGS on every GPU of this Slurm job (srun, or deepspeed with a hostfile).")
     parser.add_argument("--dry-run", action="store_true", help="print the hostfile and the command, run nothing")
-    parser.add_argument("--hostfile", help="where to write it (default: logs/hostfile-<SLURM_JOB_ID>)")
+    parser.add_argument("--launcher", choices=LAUNCHERS, help=f"default: ${LAUNCHER_ENV}, else srun")
+    parser.add_argument("--hostfile", help="deepspeed: where to write it (default: logs/hostfile-<SLURM_JOB_ID>)")
     parser.add_argument("--env-file", help="read KEY=VALUE lines instead of the environment")
     args = parser.parse_args(own)
     try:
         env = read_env_file(args.env_file) if args.env_file else dict(os.environ)
+        launcher = launcher_name(env, args.launcher)
         nodes = job_nodes(env)
-        slots = gpus_per_node(env)
         hostfile = args.hostfile or f"logs/hostfile-{env.get('SLURM_JOB_ID', 'local')}"
-        cmd = launch_command(env, script_args, hostfile)
-        uses_hostfile = len(nodes) > 1
+        cmd = launch_command(env, script_args, hostfile, launcher=launcher)
+        uses_hostfile = launcher == "deepspeed" and len(nodes) > 1
+        slots = gpus_per_node(env)
         if args.dry_run:
+            if launcher == "srun":
+                tasks = env.get("SLURM_NTASKS", "").strip() or "?"
+                print(f"# each task: RANK=SLURM_PROCID, WORLD_SIZE=SLURM_STEP_NUM_TASKS ({tasks}), "
+                      f"LOCAL_RANK=SLURM_LOCALID, MASTER_ADDR={env.get('MASTER_ADDR', '').strip() or nodes[0]}, "
+                      f"MASTER_PORT={master_port(env)}")
             for node in nodes if uses_hostfile else []:
                 print(f"{node} slots={slots}")
             print(shlex.join(cmd))
             return 0
         if shutil.which(cmd[0]) is None:
-            raise ValueError(f"{cmd[0]!r} is not on PATH (activate the .venv)")
+            hint = "run inside an sbatch/salloc allocation" if cmd[0] == "srun" else "activate the .venv"
+            raise ValueError(f"{cmd[0]!r} is not on PATH ({hint})")
         if uses_hostfile:
             write_hostfile(nodes, slots, hostfile)
         print(f"+ {shlex.join(cmd)}", flush=True)

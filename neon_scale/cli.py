@@ -14,7 +14,7 @@ import errno
 import os
 import sys
 
-from .errors import NeonError
+from .errors import NeonError, Stopped
 
 STAGE_HELP = {
     "run": "run every stage in order (finished stages are skipped)",
@@ -104,8 +104,14 @@ def _fail(msg: str, code: int) -> None:
     os._exit(code)
 
 
+def _fail_quietly(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # peers blocked in a collective are killed by the launcher when this rank exits
+
+
 def run_command(args: argparse.Namespace) -> None:
-    from . import dist, io, pipeline
+    from . import dist, io, pipeline, stop
     from .config import load_config
 
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
@@ -113,6 +119,7 @@ def run_command(args: argparse.Namespace) -> None:
     if cfg.trust_pickles:
         io.trust_pickles()
     stages = args.stage or ([args.command] if args.command != "run" else None)
+    stop.install(cfg.run.stop_signals)  # from here a stop signal ends the run resumably (exit 3)
     dist.init()
     pipeline.run(cfg, stages)
     dist.barrier()
@@ -153,11 +160,18 @@ def main(argv: list[str] | None = None) -> None:
 
             consolidate_cli(args)
         elif args.command == "fid":
+            from . import stop
             from .metrics.command import run_cli as fid_cli
 
+            stop.install(("SIGTERM", "SIGUSR1"))
             fid_cli(args)
         else:
             run_command(args)
+    except Stopped as e:  # saved what it had: a rerun resumes (neon.sbatch requeues on this status)
+        from .console import notice
+
+        notice(str(e))
+        _fail_quietly(e.exit_code)
     except NeonError as e:
         if args.debug:
             raise

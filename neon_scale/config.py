@@ -148,6 +148,22 @@ class SweepConfig:
         return sorted(grid)
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT", "SIGXCPU")
+
+
+@dataclass
+class RunConfig:
+    """How the run behaves on a cluster; nothing here changes what a stage produces."""
+    stop_signals: list = _f(["SIGTERM", "SIGUSR1"], help="signals that stop the run resumably: every rank agrees, "
+                                                        "the stage saves what it has, exit status 3 (Slurm sends "
+                                                        "SIGTERM at the time limit; neon.sbatch asks for SIGUSR1 "
+                                                        "ahead of it); [] = die as usual")
+    tensorboard: bool = _f(True, help="TensorBoard event files in <run>/tb/ (rank 0): training curves, sweep curves")
+    wandb: bool = _f(False, help="also log to Weights & Biases (the wandb package must be installed)")
+    wandb_project: str = _f("neon", help="W&B project")
+    wandb_mode: str = _f("offline", choices=["offline", "online"], help="offline needs no network (wandb sync later)")
+
+
 @dataclass
 class Config:
     name: str = _f("", help="run name; default: the config file's stem")
@@ -159,6 +175,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     trust_pickles: bool = _f(False, help="let torch.load unpickle any class in files we read (checkpoints on resume "
                                          "included); only for files you made yourself")
 
@@ -300,6 +317,14 @@ def validate(cfg: Config, where: str) -> None:
     from .models.registry import get_spec
 
     spec = get_spec(cfg.model.name, where)
+    for name in cfg.run.stop_signals:
+        if name not in STOP_SIGNALS:
+            raise NeonError(f"{where}: 'run.stop_signals' has {name!r}; choose from {', '.join(STOP_SIGNALS)}")
+    if cfg.run.wandb:  # now, not when the first tracker opens after the base stage
+        from .tracking import WANDB_MISSING, wandb_available
+
+        if not wandb_available():
+            raise NeonError(f"{where}: {WANDB_MISSING}")
     if cfg.data.source is not None:
         from .data.real import load_real
 

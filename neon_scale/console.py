@@ -36,6 +36,12 @@ def error(msg: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(prefix + msg)}", markup=True, soft_wrap=True)
 
 
+def notice(msg: str) -> None:
+    """One line on stderr from every rank (e.g. why the run stopped), not an error."""
+    prefix = f"[rank {dist.rank()}] " if dist.world() > 1 else ""
+    err_console.print(f"[bold yellow]neon:[/] {escape(prefix + msg)}", markup=True, soft_wrap=True)
+
+
 class _NullProgress:
     def update(self, *args, **kwargs):
         pass

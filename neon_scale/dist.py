@@ -1,8 +1,27 @@
 """Rank / world helpers over torch.distributed (gloo on CPU, nccl on GPU).
 
-`neon run` started by hand is a world of one; under `deepspeed`/`torchrun` the launcher's
-environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) is used, and checked first: a missing or
-inconsistent variable is a one-line error, not DeepSpeed's fallback to MPI discovery.
+Who says how many ranks there are, in this order (check_launcher_env):
+1. a launcher's RANK/WORLD_SIZE (torchrun, deepspeed, or exported by hand), with MASTER_ADDR,
+   MASTER_PORT and LOCAL_RANK; a missing or inconsistent variable is a one-line error, not
+   DeepSpeed's fallback to MPI discovery.
+2. Slurm, when this process is one task of an srun step of several: RANK = SLURM_PROCID,
+   WORLD_SIZE = SLURM_STEP_NUM_TASKS, LOCAL_RANK = SLURM_LOCALID (0 when the task sees a single
+   GPU: srun bound one to it), MASTER_ADDR = the first host of SLURM_STEP_NODELIST (else
+   SLURM_JOB_NODELIST), MASTER_PORT = 20000 + SLURM_JOB_ID % 10000 (neon_scale.slurm.job_port);
+   an exported MASTER_ADDR or MASTER_PORT wins.
+   Step or batch script: Slurm sets SLURM_STEP_NUM_TASKS (and SLURM_STEP_NODELIST) only in the
+   tasks srun launches (srun(1) OUTPUT ENVIRONMENT VARIABLES; src/common/env.c env_array_for_step),
+   while a job's batch script gets SLURM_PROCID=0 and SLURM_NTASKS = the allocation's task count
+   (sbatch(1); env_array_for_batch_job) although it is one process. So SLURM_PROCID with
+   SLURM_NTASKS > 1 but no SLURM_STEP_NUM_TASKS is either the batch script or a task of a Slurm
+   (or a hand-made environment) without step variables: a task with SLURM_PROCID > 0 cannot be the
+   batch script and joins; SLURM_PROCID=0 joins too, never runs as a world of one, and its
+   waiting line and rendezvous timeout say to start the ranks with srun if it is the batch script.
+   SLURM_STEP_ID is not the test: slurmstepd may set it for the batch step too. `srun -n 1`
+   (SLURM_STEP_NUM_TASKS=1) and salloc's shell (no SLURM_PROCID) are worlds of one.
+3. otherwise a world of one on this host, unless the process was started as one of several by
+   mpirun or a PMI launcher (OMPI_COMM_WORLD_SIZE or PMI_SIZE > 1, and not an srun step of that
+   size): an error, since the copies would each run alone and write the same run directory.
 DeepSpeed's own `init_distributed` sets up the process group so that its engines and our
 collectives share it. NEON_DIST_TIMEOUT (seconds, default 1800 as in torch) bounds how long ranks
 wait for each other: for all of them to join (then a one-line error naming MASTER_ADDR:MASTER_PORT)
@@ -22,13 +41,17 @@ from collections.abc import Mapping, MutableMapping
 import torch
 import torch.distributed as tdist
 
+from . import slurm
 from .errors import NeonError
 
 TIMEOUT_ENV = "NEON_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0  # torch's default process-group timeout
 _MAX_TIMEOUT_S = 365 * 24 * 3600.0
-_LAUNCHERS = ("start the ranks with torchrun or deepspeed, which set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and "
-              "MASTER_PORT, or with srun exporting them; for a world of one unset RANK and WORLD_SIZE")
+_LAUNCHERS = ("start the ranks with srun (one task per GPU), torchrun or deepspeed, which set the ranks, or export "
+              "RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT yourself; for a world of one unset RANK and WORLD_SIZE")
+_SCHEDULER_HINT = ("start one process per task with srun (launchers/slurm/neon.sbatch does; `srun -n 1` for a world "
+                   "of one), or use torchrun or deepspeed, or export RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
+_MPI_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")  # Open MPI's mpirun; MPICH/Intel MPI (hydra) and PMI launchers
 
 
 def _env_int(name: str, default: int) -> int:
@@ -87,6 +110,11 @@ def check_launcher_env(env: MutableMapping[str, str], cuda_devices: int = 0) -> 
             if not env[name]:
                 del env[name]  # `export RANK=` is as good as unset
     if "RANK" not in env and "WORLD_SIZE" not in env:
+        scheduler_problems: list[str] = []
+        _from_scheduler(env, scheduler_problems, cuda_devices)
+        if scheduler_problems:
+            raise NeonError(f"launcher environment: {'; '.join(scheduler_problems)}; {_SCHEDULER_HINT}")
+    if "RANK" not in env and "WORLD_SIZE" not in env:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     problems: list[str] = []
     world_size = None
@@ -131,6 +159,87 @@ def check_launcher_env(env: MutableMapping[str, str], cuda_devices: int = 0) -> 
         except (socket.gaierror, UnicodeError) as e:
             raise NeonError(f"launcher environment: MASTER_ADDR={env['MASTER_ADDR']!r} does not resolve ({e}); "
                             f"it must name rank 0's host") from None
+
+
+def _slurm_int(env: Mapping[str, str], name: str, problems: list[str]) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw.isdigit():
+        problems.append(f"{name}={env.get(name, '')!r} is not a non-negative integer")
+        return None
+    return int(raw)
+
+
+_rendezvous_hint = ""  # said while waiting for peers and when they never come
+
+
+def _from_slurm(env: MutableMapping[str, str], problems: list[str], cuda_devices: int) -> int | None:
+    """An srun task of several: fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT and
+    return the step's task count. None when Slurm did not start this process as one task of
+    several; what is wrong or missing goes to `problems` (see the module docstring for the rule)."""
+    if not env.get("SLURM_PROCID", "").strip():
+        return None
+    in_step = bool(env.get("SLURM_STEP_NUM_TASKS", "").strip())
+    count_name = "SLURM_STEP_NUM_TASKS" if in_step else "SLURM_NTASKS"
+    if not env.get(count_name, "").strip():
+        return None
+    count = _slurm_int(env, count_name, problems)
+    procid = _slurm_int(env, "SLURM_PROCID", problems)
+    if count is None or count <= 1:
+        return None
+    global _rendezvous_hint
+    if not in_step and procid == 0:  # the batch script, or task 0 of a Slurm that sets no step variables
+        _rendezvous_hint = (f"; SLURM_NTASKS={count} without SLURM_STEP_NUM_TASKS: if this is the job's batch "
+                            f"script (one process), start the ranks with srun")
+    if procid is not None and procid >= count:
+        problems.append(f"SLURM_PROCID={procid} is not below {count_name}={count}")
+    who = f"Slurm task {env['SLURM_PROCID'].strip()} of {count}"
+    local = _slurm_int(env, "SLURM_LOCALID", problems) if env.get("SLURM_LOCALID", "").strip() else None
+    addr = env.get("MASTER_ADDR", "").strip()
+    if not addr:
+        key = next((k for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST") if env.get(k, "").strip()), None)
+        if key is None:
+            problems.append(f"{who} but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST "
+                            f"is set (they name rank 0's host; or set MASTER_ADDR)")
+        else:
+            try:
+                addr = slurm.expand_nodelist(env[key])[0]
+            except ValueError as e:
+                problems.append(f"{key}: {e}")
+    port = env.get("MASTER_PORT", "").strip()
+    if not port:
+        if not env.get("SLURM_JOB_ID", "").strip():
+            problems.append(f"{who} but neither MASTER_PORT nor SLURM_JOB_ID is set "
+                            f"(the port is 20000 + SLURM_JOB_ID % 10000)")
+        else:
+            try:
+                port = str(slurm.job_port(env["SLURM_JOB_ID"]))
+            except ValueError as e:
+                problems.append(str(e))
+    if problems:
+        return None
+    env.update(RANK=str(procid), WORLD_SIZE=str(count), MASTER_ADDR=addr, MASTER_PORT=port)
+    if local is not None:  # Slurm's own id wins over a LOCAL_RANK left in the job's environment
+        env["LOCAL_RANK"] = "0" if cuda_devices == 1 else str(local)  # one visible GPU: bound to this task
+    elif cuda_devices == 1:
+        env["LOCAL_RANK"] = "0"
+    return count
+
+
+def _from_scheduler(env: MutableMapping[str, str], problems: list[str], cuda_devices: int) -> None:
+    """No launcher set RANK/WORLD_SIZE: take them from Slurm, and refuse to be a world of one when
+    mpirun or a PMI launcher started this process as one of several."""
+    step_tasks = _from_slurm(env, problems, cuda_devices)
+    for name in _MPI_SIZES:
+        raw = env.get(name, "").strip()
+        if not raw:
+            continue
+        size = int(raw) if raw.isdigit() else None
+        if size is None:
+            problems.append(f"{name}={env[name]!r} is not an integer (started by mpirun/PMI?)")
+        elif size > 1 and size != step_tasks:  # srun --mpi=pmi2 sets PMI_SIZE to its own task count
+            inside = f" inside an srun step of {step_tasks} task(s)" if step_tasks else ""
+            problems.append(f"started by mpirun/PMI as one of {size} processes ({name}={size}){inside} "
+                            f"without RANK/WORLD_SIZE")
 
 
 def _default_local_rank(env: Mapping[str, str], rank_: int, cuda_devices: int) -> int:
@@ -187,14 +296,15 @@ def init() -> None:
     where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     if world_size > 1:  # every rank says so: a silent wait is what a missing peer looks like
         print(f"rank {rank_}: waiting for the process group of {world_size} ranks at {where} "
-              f"(timeout {seconds:g} s, {TIMEOUT_ENV})", file=sys.stderr, flush=True)
+              f"(timeout {seconds:g} s, {TIMEOUT_ENV}){_rendezvous_hint}", file=sys.stderr, flush=True)
     try:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
                                    timeout=datetime.timedelta(seconds=seconds))
     except (tdist.DistStoreError, tdist.DistNetworkError) as e:
         if _TIMEOUT_MESSAGE.search(str(e)):
             raise NeonError(f"rank {rank_}: the process group of {world_size} ranks did not form within "
-                            f"{seconds:g} s at {where} (are all ranks started? {TIMEOUT_ENV} sets the wait)") from e
+                            f"{seconds:g} s at {where} (are all ranks started? {TIMEOUT_ENV} sets the wait)"
+                            f"{_rendezvous_hint}") from e
         if "EADDRINUSE" in str(e) or "address already in use" in str(e):
             raise NeonError(f"rank {rank_}: cannot listen on MASTER_PORT={os.environ['MASTER_PORT']}: address "
                             f"already in use (another job or a leftover rank holds it; choose another "

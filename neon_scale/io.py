@@ -149,6 +149,8 @@ def remove_stale(directory: str | os.PathLike, recursive: bool = True, of: str |
             p = pathlib.Path(root, name)
             if not _STALE.fullmatch(name) or (of is not None and not name.startswith(f".{of}.")):
                 continue
+            if name.endswith(".lock"):  # a writer's lock (neon_scale.lock; `.<x.partial-y>.lock` fits the pattern)
+                continue
             try:
                 if p.lstat().st_mtime >= _STARTED:
                     continue

@@ -48,9 +48,60 @@ def torchrun(script, *args: str, timeout=600) -> subprocess.CompletedProcess:
 LAUNCHER = ROOT / "launchers" / "neon.py"
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(args, world: int, log_dir: pathlib.Path, env_extra=None) -> list[subprocess.Popen]:
+    """`launchers/neon.py *args` as `world` separate processes (as srun starts them: each with its
+    own exit status), RANK/WORLD_SIZE/MASTER_* set; output of rank r in log_dir/rank{r}.log."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), PYTHONUNBUFFERED="1", COLUMNS="200", NEON_DIST_TIMEOUT="900",
+                   **(env_extra or {}))
+        with open(log_dir / f"rank{rank}.log", "w") as out:
+            procs.append(subprocess.Popen([sys.executable, str(LAUNCHER), *args], cwd=ROOT, env=env, stdout=out,
+                                          stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_ranks(procs, log_dir: pathlib.Path, timeout=900) -> tuple[list[int], list[str]]:
+    codes = [p.wait(timeout=timeout) for p in procs]
+    return codes, [(log_dir / f"rank{r}.log").read_text() for r in range(len(procs))]
+
+
+def signal_when(procs, marker: pathlib.Path, rank: int, sig, timeout=300) -> None:
+    """Send `sig` to rank `rank` as soon as `marker` exists (the run must still be going)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert all(p.poll() is None for p in procs), f"the run ended before {marker} appeared"
+        assert time.monotonic() < deadline, f"{marker} did not appear within {timeout} s"
+        time.sleep(0.02)
+    procs[rank].send_signal(sig)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: whole runs through the launcher (minutes); the fast inner loop is "
                                        "`pytest -m 'not slow'`")
+    config.addinivalue_line("markers", "matrix: the rest of a configuration matrix whose representative cases run "
+                                       "in `make test`; all of it: `make bench-matrix`")
+
+
+@pytest.fixture(scope="session")
+def small_toy_run(tmp_path_factory):
+    """The small toy run (every stage, 1 rank, SMALL settings), made once per session and shared
+    (test_pipeline, test_tracking): tests must copy it before changing anything in it."""
+    run_dir = tmp_path_factory.mktemp("small") / "run"
+    proc = neon("run", "--config", str(TOY), "--run-dir", str(run_dir), *small_overrides())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return run_dir, proc
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
-"""launchers/hostfile.py (Slurm allocation -> DeepSpeed hostfile + command) and the sbatch
-scripts. No Slurm, GPU or network: Slurm's environment is faked with --env-file, and `deepspeed`
-with a script that prints what it was given."""
+"""launchers/hostfile.py (Slurm allocation -> the srun command, or a DeepSpeed hostfile + command)
+and the sbatch scripts. No Slurm, GPU or network: Slurm's environment is faked with --env-file, and
+`deepspeed`/`srun` with scripts that print what they were given. The srun path run for real (with
+a fake srun that starts the tasks) is in test_slurm_launch.py."""
 import importlib.util
 import os
 import shlex
@@ -30,12 +31,13 @@ def run_cli(*args, cwd, path_prefix=None, env=None):
 
 
 def fake_bin(tmp_path, gpu=False):
-    """A folder with a `deepspeed` that prints its arguments and the hostfile it was given, and
-    an `nvidia-smi` that finds a GPU or not."""
+    """A folder with a `deepspeed` that prints its arguments and the hostfile it was given, an
+    `srun` that prints its arguments, and an `nvidia-smi` that finds a GPU or not."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scripts = {"deepspeed": 'echo "DS_ACCELERATOR=${DS_ACCELERATOR:-}"\nprintf "ARG %s\\n" "$@"\n'
                             'if [ "$1" = --hostfile ]; then cat "$2"; fi',
+               "srun": 'echo "DS_ACCELERATOR=${DS_ACCELERATOR:-}"\necho LAUNCHER=srun\nprintf "ARG %s\\n" "$@"',
                "nvidia-smi": "exit 0" if gpu else "exit 9"}
     for name, body in scripts.items():
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
@@ -122,15 +124,30 @@ def test_master_port():
 
 def test_launch_command_one_node_uses_num_gpus_and_no_hostfile():
     env = {"SLURM_JOB_NODELIST": "gpu07", "SLURM_GPUS_PER_NODE": "gpu:2", "SLURM_JOB_ID": "5"}
-    assert hostfile.launch_command(env, ["--stage", "sweep"], "unused", port=1234) == [
+    assert hostfile.launch_command(env, ["--stage", "sweep"], "unused", port=1234, launcher="deepspeed") == [
         "deepspeed", "--num_gpus", "2", "--master_port", "1234", "launchers/neon.py", "--stage", "sweep"]
+
+
+def test_launch_command_srun_is_the_same_on_any_number_of_nodes():
+    for nodelist in ("gpu07", "gpu[01-16]"):
+        env = {"SLURM_JOB_NODELIST": nodelist, "SLURM_GPUS_PER_NODE": "gpu:4", "SLURM_JOB_ID": "5"}
+        assert hostfile.launch_command(env, ["--stage", "sweep"], "unused") == [
+            "srun", "--kill-on-bad-exit=1", "python", "launchers/neon.py", "--stage", "sweep"]
+
+
+def test_expand_nodelist_is_the_packages():
+    """One implementation: the launcher uses the one neon_scale.dist uses."""
+    from neon_scale import slurm
+
+    assert hostfile.expand_nodelist is slurm.expand_nodelist
+    assert hostfile.master_port({"SLURM_JOB_ID": "987654"}) == slurm.job_port("987654") == 27654
 
 
 # --- CLI ------------------------------------------------------------------------------------
 
 def test_dry_run_prints_hostfile_and_exact_command(tmp_path):
     env_file = tmp_path / "job.env"
-    env_file.write_text("# a fake two-node allocation\n\n" + FAKE_JOB)
+    env_file.write_text("# a fake two-node allocation\n\n" + FAKE_JOB + "NEON_LAUNCHER=deepspeed\n")
     proc = run_cli("--dry-run", "--env-file", str(env_file), "--", *NEON_ARGS, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     command = ("deepspeed --hostfile logs/hostfile-12345 --master_addr gpu01 --master_port 22345 "
@@ -140,11 +157,49 @@ def test_dry_run_prints_hostfile_and_exact_command(tmp_path):
     assert not (tmp_path / "logs").exists()  # a dry run writes nothing
 
 
+@pytest.mark.parametrize("choice", [[], ["--launcher", "srun"]])
+def test_dry_run_srun_by_default(tmp_path, choice):
+    env_file = tmp_path / "job.env"
+    env_file.write_text(FAKE_JOB + "SLURM_NTASKS=8\n")
+    proc = run_cli("--dry-run", *choice, "--env-file", str(env_file), "--", *NEON_ARGS, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "# each task: RANK=SLURM_PROCID, WORLD_SIZE=SLURM_STEP_NUM_TASKS (8), LOCAL_RANK=SLURM_LOCALID, "
+        "MASTER_ADDR=gpu01, MASTER_PORT=22345",
+        "srun --kill-on-bad-exit=1 python launchers/neon.py --config configs/toy2d.yaml --set train.lr=1e-5"]
+    assert not (tmp_path / "logs").exists()
+
+
+def test_launcher_flag_wins_over_environment(tmp_path):
+    env_file = tmp_path / "job.env"
+    env_file.write_text(FAKE_JOB + "NEON_LAUNCHER=srun\n")
+    proc = run_cli("--dry-run", "--launcher", "deepspeed", "--env-file", str(env_file), "--", *NEON_ARGS, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1].startswith("deepspeed --hostfile"), proc.stderr
+
+
+def test_unknown_launcher_is_one_line_exit_2(tmp_path):
+    env_file = tmp_path / "job.env"
+    env_file.write_text(FAKE_JOB + "NEON_LAUNCHER=mpirun\n")
+    assert_one_line_error(run_cli("--dry-run", "--env-file", str(env_file), "--", *NEON_ARGS, cwd=tmp_path),
+                          "NEON_LAUNCHER='mpirun': choose srun or deepspeed")
+
+
+def test_run_execs_srun_without_a_hostfile(tmp_path):
+    env_file = tmp_path / "job.env"
+    env_file.write_text(FAKE_JOB)
+    proc = run_cli("--env-file", str(env_file), "--", *NEON_ARGS, cwd=tmp_path, path_prefix=fake_bin(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    args = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ARG ")]
+    assert "LAUNCHER=srun" in proc.stdout.splitlines()
+    assert args == ["--kill-on-bad-exit=1", "python", "launchers/neon.py", *NEON_ARGS]
+    assert not (tmp_path / "logs").exists()
+
+
 def test_run_writes_hostfile_and_execs_deepspeed(tmp_path):
     env_file = tmp_path / "job.env"
     env_file.write_text(FAKE_JOB)
     path = tmp_path / "hf" / "hostfile"
-    proc = run_cli("--hostfile", str(path), "--env-file", str(env_file), "--", *NEON_ARGS,
+    proc = run_cli("--launcher", "deepspeed", "--hostfile", str(path), "--env-file", str(env_file), "--", *NEON_ARGS,
                    "--run-dir", "runs/a b", cwd=tmp_path, path_prefix=fake_bin(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert path.read_text() == "gpu01 slots=4\ngpu02 slots=4\n"
@@ -224,25 +279,45 @@ def test_write_hostfile_rejects_empty(tmp_path):
 
 # --- sbatch scripts ---------------------------------------------------------------------------
 
+def sbatch_directives(name):
+    return dict(line[len("#SBATCH "):].partition("=")[::2] for line in SBATCH[name].read_text().splitlines()
+                if line.startswith("#SBATCH --"))
+
+
 @pytest.mark.parametrize("name", sorted(SBATCH))
 def test_sbatch_syntax(name):
     proc = subprocess.run(["bash", "-n", str(SBATCH[name])], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     text = SBATCH[name].read_text()
-    assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --output=logs/%x-%j.out" in text
+    assert "#SBATCH --output=logs/%x-%j.out" in text
     code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     launches = [line for line in code if "launchers/hostfile.py --" in line]
-    assert len(launches) == 1 and launches[0].startswith("exec python launchers/hostfile.py -- ")
-    assert not any("srun" in line or "deepspeed" in line for line in code)  # exactly one launcher
+    assert len(launches) == 1
+    if name == "neon":  # srun by default; the shell stays to requeue on status 3
+        assert launches[0].startswith("python launchers/hostfile.py -- ") and launches[0].endswith("|| status=$?")
+        assert not any("deepspeed" in line or "ssh" in line for line in code)
+    else:  # deepspeed by default: one launcher process per node
+        assert "#SBATCH --ntasks-per-node=1" in text
+        assert launches[0].startswith("exec python launchers/hostfile.py -- ")
+        assert [line for line in code if "deepspeed" in line] == ['export NEON_LAUNCHER="${NEON_LAUNCHER:-deepspeed}"']
+        assert not any("srun" in line for line in code)
+
+
+def test_neon_sbatch_asks_for_one_task_per_gpu_a_signal_to_the_steps_and_requeue():
+    directives = sbatch_directives("neon")
+    assert directives["--ntasks-per-node"] == directives["--gpus-per-node"]
+    assert directives["--signal"] == "USR1@120"  # no "B:": the ranks (step tasks) get it, not the batch shell
+    assert "--requeue" in directives and directives["--open-mode"] == "append"
 
 
 @pytest.mark.parametrize("gpu", [False, True])
-@pytest.mark.parametrize("name, nodelist, prefix", [
-    ("neon", "gpu[01-02]", ["--config", "configs/toy2d.yaml"]),
-    ("eval", "gpu07", ["--config", "configs/toy2d.yaml", "--stage", "sweep"]),
-    ("fid", "gpu[01-04]", ["fid"]),
+@pytest.mark.parametrize("name, launcher, nodelist, prefix", [
+    ("neon", "", "gpu[01-02]", ["--config", "configs/toy2d.yaml"]),
+    ("neon", "deepspeed", "gpu[01-02]", ["--config", "configs/toy2d.yaml"]),
+    ("eval", "", "gpu07", ["--config", "configs/toy2d.yaml", "--stage", "sweep"]),
+    ("fid", "", "gpu[01-04]", ["fid"]),
 ])
-def test_sbatch_runs_one_launcher_with_forwarded_args(tmp_path, name, nodelist, prefix, gpu):
+def test_sbatch_runs_one_launcher_with_forwarded_args(tmp_path, name, launcher, nodelist, prefix, gpu):
     """Run the batch script as Slurm would; only without a GPU does it name the CPU accelerator."""
     submit = tmp_path / "repo"
     submit.mkdir()
@@ -250,9 +325,12 @@ def test_sbatch_runs_one_launcher_with_forwarded_args(tmp_path, name, nodelist, 
     bin_dir = fake_bin(tmp_path, gpu=gpu)
     env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path), "SLURM_SUBMIT_DIR": str(submit),
            "SLURM_JOB_NODELIST": nodelist, "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_ID": "12345"}
+    if launcher:
+        env["NEON_LAUNCHER"] = launcher
     proc = subprocess.run(["bash", str(SBATCH[name]), "--set", "train.lr=1e-5"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"DS_ACCELERATOR={'' if gpu else 'cpu'}\n" in proc.stdout
+    assert ("LAUNCHER=srun" in proc.stdout.splitlines()) == (name == "neon" and not launcher)
     args = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ARG ")]
     assert args[args.index("launchers/neon.py"):] == ["launchers/neon.py", *prefix, "--set", "train.lr=1e-5"]

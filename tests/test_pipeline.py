@@ -21,11 +21,8 @@ def summary(run_dir):
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("small") / "run"
-    proc = neon("run", "--config", str(TOY), "--run-dir", str(run_dir), *small_overrides())
-    assert proc.returncode == 0, proc.stderr
-    return run_dir, proc
+def small_run(small_toy_run):
+    return small_toy_run
 
 
 def test_outputs(small_run):

@@ -1,12 +1,13 @@
-"""Training data stream over real webdataset tars: deterministic, resumable at any micro-batch,
-split by rank and worker, endless, decoding .npy/.png/.cls, and bad input named or skipped."""
+"""Training data stream over real webdataset tars: one global order, deterministic, the same
+records per step on any world size, resumable at any step on another world size, endless,
+decoding .npy/.png/.cls, and bad input named or skipped."""
 import json
 
 import pytest
 import torch
 
 from neon_scale.data.shards import MANIFEST, shard_name, write_shard
-from neon_scale.data.stream import MicroBatchLoader, worker_shards
+from neon_scale.data.stream import MicroBatchLoader
 from neon_scale.errors import NeonError
 
 
@@ -27,6 +28,10 @@ def values(loader, k):
     return [loader.next()["x"].flatten().long().tolist() for _ in range(k)]
 
 
+def saved(loader):
+    return json.loads(json.dumps(loader.state(loader.bad)))  # as a checkpoint's JSON holds it
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_at_any_batch_equals_the_uninterrupted_stream(tmp_path, workers):
     d = make_set(tmp_path / "set", [7, 7, 7, 7, 3])
@@ -35,7 +40,7 @@ def test_resume_at_any_batch_equals_the_uninterrupted_stream(tmp_path, workers):
     for cut in (1, 5, 8):  # resume from the saved state after `cut` batches, in a new loader
         first = MicroBatchLoader(d, 4, 1, 0, 1, workers)
         head = values(first, cut)
-        tail = values(MicroBatchLoader(d, 4, 1, 0, 1, workers, state=json.loads(json.dumps(first.state()))), 14 - cut)
+        tail = values(MicroBatchLoader(d, 4, 1, 0, 1, workers, state=saved(first)), 14 - cut)
         assert head + tail == reference, cut
     assert values(MicroBatchLoader(d, 4, 2, 0, 1, workers), 14) != reference  # another seed, another order
 
@@ -46,25 +51,61 @@ def test_an_epoch_visits_every_record_once(tmp_path):
     assert sorted(seen) == sorted(1000 * c + i for c, n in enumerate([7, 5, 7, 2]) for i in range(n))
 
 
-def test_shards_split_by_rank_and_worker(tmp_path):
-    assert worker_shards(8, 1, 2, 0, 2) == [2, 6]                    # enough shards: one set per (rank, worker)
-    assert worker_shards(3, 1, 2, 0, 2) == worker_shards(3, 1, 2, 1, 2) == [1]  # else per rank
-    assert worker_shards(1, 1, 2, 1, 2) == [0]                       # else shared (seeds still differ)
-    d = make_set(tmp_path / "set", [4] * 8)
-    owners = {}
-    for rank in range(2):
-        for batch in values(MicroBatchLoader(d, 2, 1, rank, 2, 2), 8):
-            for v in batch:
-                owners.setdefault(v // 1000, set()).add(rank)
-    assert sorted(owners) == list(range(8)) and all(len(r) == 1 for r in owners.values())
-    assert {c for c, r in owners.items() if r == {0}} == {0, 1, 4, 5}
+def global_steps(d, global_batch, world, workers, steps, grad_accum=1, state=None):
+    """The records each step reads, put together from every rank's micro-batches (key -> count
+    per step), and the loaders' final states."""
+    micro = global_batch // (world * grad_accum)
+    loaders = [MicroBatchLoader(d, micro, 7, r, world, workers, state=state, grad_accum=grad_accum)
+               for r in range(world)]
+    out = []
+    for _ in range(steps):
+        step = []
+        for _ in range(grad_accum):
+            for loader in loaders:
+                batch = loader.next()
+                assert batch["x"].shape[0] == micro
+                step += batch["x"].flatten().long().tolist()
+        out.append(sorted(step))
+    return out, loaders
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_world_size_reads_the_same_records_per_step(tmp_path, workers):
+    """The global order does not depend on the split: 1, 2 or 4 ranks (with or without gradient
+    accumulation and workers) read the same records in each step."""
+    d = make_set(tmp_path / "set", [9, 4, 9, 6])  # 28 records, 12 per step: steps straddle shards and epochs
+    one, _ = global_steps(d, 12, 1, 0, 7)
+    assert global_steps(d, 12, 2, workers, 7)[0] == one
+    assert global_steps(d, 12, 4, workers, 7, grad_accum=3)[0] == one
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 4)])
+def test_resume_on_another_world_size_skips_and_repeats_nothing(tmp_path, before, after):
+    """Stopped after 3 steps on `before` ranks, resumed on `after`: the steps go on exactly as
+    uninterrupted, and within a pass every record is read once (counted by key)."""
+    counts = [9, 4, 9, 6]
+    d = make_set(tmp_path / "set", counts)
+    reference, _ = global_steps(d, 4, 1, 0, 7)  # 28 records: one pass in 7 steps
+    head, loaders = global_steps(d, 4, before, 0, 3)
+    states = [saved(x) for x in loaders]
+    assert len({json.dumps(s) for s in states}) == 1 and states[0]["records"] == 12  # global terms
+    tail, _ = global_steps(d, 4, after, 2, 4, state=states[0])
+    assert head + tail == reference
+    seen = sum(head + tail, [])
+    assert sorted(seen) == sorted(1000 * c + i for c, n in enumerate(counts) for i in range(n))
 
 
 def test_the_stream_is_endless_whatever_the_rank_holds(tmp_path):
-    d = make_set(tmp_path / "set", [9, 2, 9])  # rank 0 holds 18 records, rank 1 holds 2
+    d = make_set(tmp_path / "set", [9, 2, 9])
     for rank in range(2):
         batches = values(MicroBatchLoader(d, 4, 1, rank, 2, 0), 20)
         assert len(batches) == 20 and all(len(b) == 4 for b in batches)
+
+
+def test_an_older_checkpoint_position_is_one_error(tmp_path):
+    d = make_set(tmp_path / "set", [4])
+    with pytest.raises(NeonError, match=r"older format .*remove the train folder's ckpt/"):
+        MicroBatchLoader(d, 2, 1, 0, 1, 0, state={"turn": 0, "streams": [{"epoch": 0}]})
 
 
 def test_png_and_cls_decode_back_to_what_was_written(tmp_path):

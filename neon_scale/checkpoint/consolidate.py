@@ -7,12 +7,14 @@ parameter's slices at a time) and streamed into `model.safetensors`, or into
 model's `state_dict()`; the values equal DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`.
 With `--ema` the EMA partitions saved beside the checkpoint (train/ema.py, same layout as the
 master partitions) are read instead; buffers and frozen parameters are the same either way.
+`.<OUT>.lock` beside OUT is held while writing (neon_scale.lock): one writer per OUT.
 """
 from __future__ import annotations
 
 import pathlib
 
 from ..errors import NeonError
+from ..lock import hold_output
 from ..merge.tensors import parse_size, staged_output, write_checkpoint
 from ..merge.zero import ZeroCheckpointSource, is_zero_checkpoint
 
@@ -24,7 +26,8 @@ def consolidate(ckpt_dir: pathlib.Path, out: pathlib.Path, *, tag: str | None = 
         raise NeonError(f"{ckpt_dir}: no such checkpoint directory")
     if not is_zero_checkpoint(ckpt_dir, tag):
         raise NeonError(f"{ckpt_dir}: not a DeepSpeed ZeRO checkpoint (no 'latest' file{' or tag ' + tag if tag else ''})")
-    with ZeroCheckpointSource(ckpt_dir, tag, ema=ema) as source:
+    # one writer per OUT (a second consolidate to it fails at once, naming this one)
+    with hold_output(out), ZeroCheckpointSource(ckpt_dir, tag, ema=ema) as source:
         entries = [(key, source.meta(key).cast(dtype)) for key in source.keys()]
         with staged_output(out, overwrite) as staging:
             return write_checkpoint(staging, entries, source.get, max_shard_size,

@@ -1,81 +1,114 @@
-"""Streaming a synthetic set for training: resampled webdataset shards, split by rank and by
-DataLoader worker, deterministic, resumable at any micro-batch.
+"""Streaming a shard set for training: one global order of records, split over any number of ranks
+and DataLoader workers, deterministic, resumable at any step on any world size.
 
-Every (rank, worker) reads an endless stream, so every rank runs the same number of steps and no
-rank waits at the end of an epoch. The stream of worker w on rank r is a sequence of epochs:
-epoch e visits the worker's shards in the order perm(seed, r, w, e), and each shard's records in
-the order perm(seed, r, w, e, shard) (the shard's records shuffled in memory). A shard is split to the worker `i % (world * workers)` when
-there are enough shards, else to the rank `i % world`, else shared by everyone (the streams still
-differ: their seeds do).
+The order. Epoch e visits the set's shards in the order perm(seed, "shards", e) and each shard's
+records in the order perm(seed, "records", e, shard); epochs follow each other without end. A
+record's place in this sequence is its global position p (epoch p // N, N records in the set).
 
-A micro-batch is `micro_batch` consecutive records of one worker's stream; the DataLoader hands
-them out round-robin over the workers. Each batch carries `__pos__`, where its worker's stream
-stands after it (epoch, shard, record, bad), so a saved list of positions restarts every worker
-exactly where it stopped without replaying anything.
+The split. Optimizer step s consumes positions [s G, (s + 1) G) (G = train.global_batch). Its
+micro-batch k (of grad_accum A) on rank r holds the m = G / (A world) positions starting at
+s G + k G/A + r m: the step reads the same G records whatever the number of ranks, and the
+trainer's noise follows the record's offset in the step (rng.StepNoise), so a step's gradient is
+the same sum whoever computes it. Micro-batch t = s A + k of a rank goes to worker t mod workers.
+
+Resuming. The state is the number of micro-batches consumed, t = s A, which does not depend on
+the world size or the workers: a checkpoint written by N ranks continues on M with no record
+skipped or repeated within the pass. Each rank decodes the shards its positions fall in (whole
+shards, cached up to `cache_bytes` per worker); a synthetic set (1k-50k records) is then read
+about once per rank per pass.
 
 Bad input: a shard that cannot be read, a record that does not decode or does not match the set's
 schema (fields, dtypes, shapes: every batch then concatenates), or fewer records than the manifest
-lists is an error naming the shard; with `skip_bad` the bad records are skipped and counted
-instead (`__pos__["bad"]`: records the worker skipped so far, a bad record once per visit).
+lists is an error naming the shard. With `skip_bad`, a shard keeps its place in the order and the
+places of its bad records are taken by its good ones again (record j -> good record j mod good);
+each such place is counted in `bad`. A shard with no good record lends the places to the next
+shard of the epoch that has one.
 """
 from __future__ import annotations
 
+import bisect
 import pathlib
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .. import rng
+from .. import rng, stop
 from ..errors import NeonError
 from ..io import read_json
 from .shards import MANIFEST, manifest_schema, read_shard
 
-
-@dataclass
-class StreamPos:
-    """Where one worker's stream stands: `record` records of the `shard`-th shard of `epoch` are
-    consumed (record 0: that shard is not opened yet); `bad` counts skipped records so far."""
-    epoch: int = 0
-    shard: int = 0
-    record: int = 0
-    bad: int = 0
-
-
-def worker_shards(n_shards: int, rank: int, world: int, worker: int, workers: int) -> list[int]:
-    units = world * workers
-    if n_shards >= units:
-        return list(range(rank * workers + worker, n_shards, units))
-    if n_shards >= world:
-        return list(range(rank, n_shards, world))
-    return list(range(n_shards))
-
-
 SKIP_HINT = "; set train.skip_bad=true to skip and count bad records"
 
 
+class GlobalOrder:
+    """Global position -> (epoch, shard, record index in the shard), for a set of shard sizes."""
+
+    def __init__(self, counts: list[int], seed: int):
+        self.counts, self.seed, self.total = counts, seed, sum(counts)
+        self._epochs: dict[int, tuple[list[int], list[int]]] = {}
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def shards_of_epoch(self, epoch: int) -> tuple[list[int], list[int]]:
+        """(shard order, first position of each in the epoch)."""
+        if epoch not in self._epochs:
+            order = torch.randperm(len(self.counts), generator=rng.generator(self.seed, "shards", epoch)).tolist()
+            starts = np.cumsum([0] + [self.counts[i] for i in order[:-1]]).tolist()
+            self._epochs = {epoch: (order, starts)}  # positions move forward: keep one epoch
+        return self._epochs[epoch]
+
+    def record_order(self, epoch: int, shard: int) -> np.ndarray:
+        key = (epoch, shard)
+        if key not in self._perms:
+            if len(self._perms) > 64:
+                self._perms.clear()
+            gen = rng.generator(self.seed, "records", epoch, shard)
+            self._perms[key] = torch.randperm(self.counts[shard], generator=gen).numpy()
+        return self._perms[key]
+
+    def locate(self, position: int) -> tuple[int, int, int]:
+        epoch, q = divmod(position, self.total)
+        order, starts = self.shards_of_epoch(epoch)
+        i = bisect.bisect_right(starts, q) - 1  # empty shards share a start with the next: the last wins
+        shard = order[i]
+        return epoch, shard, int(self.record_order(epoch, shard)[q - starts[i]])
+
+
+class Split:
+    """Which global positions micro-batch t of a rank holds (see the module docstring)."""
+
+    def __init__(self, global_batch: int, grad_accum: int, rank: int, world: int):
+        if global_batch % (grad_accum * world):
+            raise NeonError(f"global batch {global_batch} is not divisible by {world} rank(s) x grad_accum {grad_accum}")
+        self.global_batch, self.grad_accum, self.rank = global_batch, grad_accum, rank
+        self.micro = global_batch // (grad_accum * world)
+
+    def offset(self, t: int) -> int:
+        """Where micro-batch t starts within its step."""
+        return (t % self.grad_accum) * (self.global_batch // self.grad_accum) + self.rank * self.micro
+
+    def positions(self, t: int) -> range:
+        start = (t // self.grad_accum) * self.global_batch + self.offset(t)
+        return range(start, start + self.micro)
+
+
 class ShardStream(IterableDataset):
-    def __init__(self, set_dir: pathlib.Path, micro_batch: int, seed: int, rank: int, world: int, workers: int,
-                 skip_bad: bool = False, start: list[dict] | None = None, cache_bytes: int = 1 << 30):
+    def __init__(self, set_dir: pathlib.Path, split: Split, seed: int, workers: int, skip_bad: bool = False,
+                 start: int = 0, cache_bytes: int = 1 << 30):
         manifest = read_json(set_dir / MANIFEST)
+        self.set_dir = set_dir
         self.shards = [(set_dir / s["name"], int(s["count"])) for s in manifest["shards"]]
         self.schema = manifest_schema(set_dir, manifest)  # one for the whole set, read once here
-        self.micro_batch, self.seed, self.rank, self.world = micro_batch, seed, rank, world
-        self.workers, self.skip_bad, self.cache_bytes = max(workers, 1), skip_bad, cache_bytes
-        self.start = [StreamPos(**p) for p in start] if start else [StreamPos() for _ in range(self.workers)]
+        if not sum(count for _, count in self.shards):
+            raise NeonError(f"{set_dir / MANIFEST}: the set holds no record")
+        self.order = GlobalOrder([count for _, count in self.shards], seed)
+        self.split, self.workers, self.skip_bad, self.start = split, max(workers, 1), skip_bad, start
+        self.cache_bytes = cache_bytes
         self._cache: dict[int, tuple[tuple[dict[str, np.ndarray], int, int], int]] = {}  # -> (shard, bytes)
-        if len(self.start) != self.workers:
-            raise NeonError(f"{set_dir}: the checkpoint holds {len(self.start)} loader positions, "
-                            f"train.workers gives {self.workers}")
-
-    def _order(self, mine: list[int], worker: int, epoch: int) -> list[int]:
-        perm = torch.randperm(len(mine), generator=rng.generator(self.seed, "shards", self.rank, worker, epoch))
-        return [mine[i] for i in perm.tolist()]
 
     def _read(self, index: int) -> tuple[dict[str, np.ndarray], int, int]:
-        """A shard's decoded columns; shards stay decoded up to `cache_bytes` per worker (small sets
-        are then decoded once), the oldest dropped first."""
+        """A shard's decoded columns (good records only); shards stay decoded up to `cache_bytes` per
+        worker (small sets are then decoded once), the oldest dropped first."""
         if index not in self._cache:
             entry = read_shard(*self.shards[index], skip_bad=self.skip_bad, hint=SKIP_HINT, schema=self.schema)
             size = sum(a.nbytes for a in entry[0].values())
@@ -84,83 +117,90 @@ class ShardStream(IterableDataset):
             self._cache[index] = (entry, size)
         return self._cache[index][0]
 
-    def batches(self, worker: int):
-        """(micro-batch as {field: array}, position after it) forever, for one worker."""
-        mine = worker_shards(len(self.shards), self.rank, self.world, worker, self.workers)
-        pos = StreamPos(**asdict(self.start[worker]))
-        parts, need, empty_epochs = [], self.micro_batch, 0
-        while True:
-            order = self._order(mine, worker, pos.epoch)
-            got_any = False
-            while pos.shard < len(order):
-                index = order[pos.shard]
-                columns, count, bad = self._read(index)
-                if pos.record == 0:
-                    pos.bad += bad  # counted when the visit starts (not again on resuming inside it)
-                gen = rng.generator(self.seed, "records", self.rank, worker, pos.epoch, index)
-                perm = torch.randperm(count, generator=gen).numpy()
-                while True:
-                    take = max(min(need, count - pos.record), 0)
-                    if take:
-                        parts.append({k: v[perm[pos.record:pos.record + take]] for k, v in columns.items()})
-                        pos.record, need, got_any = pos.record + take, need - take, True
-                    finished = pos.record >= count
-                    if finished:
-                        pos.shard, pos.record = pos.shard + 1, 0
-                    if need == 0:
-                        yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, asdict(pos)
-                        parts, need = [], self.micro_batch
-                    if finished:
-                        break
-            pos.epoch, pos.shard, pos.record = pos.epoch + 1, 0, 0
-            empty_epochs = 0 if got_any else empty_epochs + 1
-            if empty_epochs >= 2:
-                names = ", ".join(self.shards[i][0].name for i in mine)
-                raise NeonError(f"{self.shards[0][0].parent}: no readable record in shard(s) {names}")
+    def _good_record(self, epoch: int, shard: int, record: int) -> tuple[int, int, bool]:
+        """(shard, row of its good records, True when a bad record's place is filled)."""
+        columns, good, _bad = self._read(shard)
+        if good == self.shards[shard][1]:
+            return shard, record, False
+        if good:
+            return shard, record % good, record >= good
+        order, _ = self.order.shards_of_epoch(epoch)
+        at = order.index(shard)
+        for lender in order[at + 1:] + order[:at]:  # a shard with no good record: the next one lends
+            if self._read(lender)[1]:
+                return lender, record % self._read(lender)[1], True
+        raise NeonError(f"{self.set_dir}: no readable record in any shard")
+
+    def micro_batch(self, t: int) -> tuple[dict[str, np.ndarray], int]:
+        """Micro-batch t of this rank as {field: array}, and how many bad-record places it filled."""
+        rows: list[tuple[int, int]] = []
+        filled = 0
+        for p in self.split.positions(t):
+            shard, row, bad = self._good_record(*self.order.locate(p))
+            rows.append((shard, row))
+            filled += bad
+        parts, i = [], 0
+        while i < len(rows):  # consecutive positions mostly share a shard: gather them in one take
+            j = i
+            while j < len(rows) and rows[j][0] == rows[i][0]:
+                j += 1
+            columns = self._read(rows[i][0])[0]
+            take = np.array([r for _, r in rows[i:j]])
+            parts.append({k: v[take] for k, v in columns.items()})
+            i = j
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, filled
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
+        t = self.start + worker
         try:
-            for batch, pos in self.batches(worker):
+            while True:
+                batch, filled = self.micro_batch(t)
                 out = {k: torch.from_numpy(v) for k, v in batch.items()}
-                out["__pos__"], out["__worker__"] = pos, worker
+                out["__offset__"], out["__bad__"] = self.split.offset(t), filled
                 yield out
+                t += self.workers
         except NeonError as e:  # an exception raised in a worker reaches the trainer as a traceback
             yield {"__error__": str(e)}
 
 
 class MicroBatchLoader:
-    """Micro-batches in a fixed order, round-robin over the workers, and the state to save with a
-    checkpoint: every worker's stream position and whose turn is next. `workers = 0` reads in the
-    training process (one stream)."""
+    """This rank's micro-batches in order (round-robin over the workers, as the DataLoader hands
+    them out), each with "__offset__" (where it starts within its step), and the state to save
+    with a checkpoint. `workers = 0` reads in the training process."""
 
-    def __init__(self, set_dir: pathlib.Path, micro_batch: int, seed: int, rank: int, world: int, workers: int,
-                 skip_bad: bool = False, state: dict | None = None):
+    def __init__(self, set_dir: pathlib.Path, micro_batch: int, seed: int, rank: int, world: int, workers: int = 0,
+                 skip_bad: bool = False, state: dict | None = None, grad_accum: int = 1):
         state = state or {}
-        self.dataset = ShardStream(set_dir, micro_batch, seed, rank, world, workers, skip_bad, state.get("streams"))
-        self.positions = [asdict(p) for p in self.dataset.start]
-        self.turn = int(state.get("turn", 0))
-        self._waiting: dict[int, dict] = {}  # batches that came before their turn (after a resume)
+        if state and "micro_batches" not in state:
+            raise NeonError(f"{set_dir}: the checkpoint's data-stream position is in an older format (per-worker "
+                            f"streams); remove the train folder's ckpt/ to restart this fine-tune")
+        self.split = Split(micro_batch * world * grad_accum, grad_accum, rank, world)
+        self.consumed = int(state.get("micro_batches", 0))
+        # bad-record places served before the checkpoint, a global total: counted once, on rank 0
+        self._bad_before = int(state.get("bad", 0)) if rank == 0 else 0
+        self._bad_here = 0
+        self.dataset = ShardStream(set_dir, self.split, seed, workers, skip_bad, start=self.consumed)
         self._loader = DataLoader(self.dataset, batch_size=None, num_workers=workers,
-                                  prefetch_factor=4 if workers else None)
+                                  prefetch_factor=4 if workers else None,
+                                  worker_init_fn=stop.ignore_in_worker if workers else None)
         self._it = iter(self._loader)
 
     def next(self) -> dict[str, torch.Tensor]:
-        # The DataLoader always starts with worker 0; a resumed run may be at another's turn.
-        while self.turn not in self._waiting:
-            batch = next(self._it)
-            if "__error__" in batch:
-                raise NeonError(batch["__error__"])
-            self._waiting[batch.pop("__worker__")] = batch
-        batch = self._waiting.pop(self.turn)
-        self.positions[self.turn] = batch.pop("__pos__")
-        self.turn = (self.turn + 1) % self.dataset.workers
+        batch = next(self._it)
+        if "__error__" in batch:
+            raise NeonError(batch["__error__"])
+        self._bad_here += int(batch.pop("__bad__"))
+        self.consumed += 1
         return batch
 
     @property
     def bad(self) -> int:
-        return sum(p["bad"] for p in self.positions)
+        """Bad-record places this rank filled (plus, on rank 0, the total before the checkpoint)."""
+        return self._bad_before + self._bad_here
 
-    def state(self) -> dict:
-        return {"turn": self.turn, "streams": [dict(p) for p in self.positions]}
+    def state(self, bad_total: int) -> dict:
+        """The stream position in global terms (with the all-reduced bad count): any world resumes it."""
+        return {"micro_batches": self.consumed, "records": self.consumed * self.split.global_batch
+                // self.split.grad_accum, "bad": bad_total}

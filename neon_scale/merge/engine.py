@@ -4,7 +4,9 @@ One read of the inputs serves every w: tensors are read one pair at a time (lazi
 `safe_open`, mmap for torch and DeepSpeed files), merged in flat chunks of at most CHUNK bytes
 and appended to one streaming writer per w. Resident memory is about the base tensor + the
 theta_s tensor + one chunk, whatever the model size. Outputs are built in a temporary directory
-next to OUT and renamed into place at the end; on any error nothing is left behind.
+next to OUT and renamed into place at the end; on any error nothing is left behind. One writer per
+OUT: `.<OUT>.lock` beside it is held for the whole merge (neon_scale.lock), so a second merge
+to the same OUT fails at once, naming the first.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from neon_scale.kernels.reference import has_only_finite
 
 from ..errors import NeonError
+from ..lock import hold_output
 from .extrapolate import MERGE, MergeReport, action_for, check_keys, extrapolate_tensor
 from .tensors import (
     StreamingSafetensorsWriter,
@@ -100,6 +103,14 @@ def merge_checkpoints(base: TensorSource, synth: TensorSource, ws: list[float], 
     names = [w_dir_name(w) for w in ws]
     if len(set(names)) != len(names):  # OUT/w=<w>/ names round to 6 digits: two writers, one folder
         raise NeonError(f"merge: repeated --w values {ws} (output folders {names})")
+    # One writer per OUT, before anything next to OUT is touched (check_output settles leftovers)
+    with hold_output(out):
+        return _merge_locked(base, synth, ws, out, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite,
+                             progress=progress)
+
+
+def _merge_locked(base: TensorSource, synth: TensorSource, ws: list[float], out: pathlib.Path, *,
+                  max_shard_size: int, dtype: str | None, overwrite: bool, progress) -> MergeSummary:
     check_output(out, overwrite)  # again by staged_output; early here, before any reading
     base_keys, synth_keys = base.keys(), synth.keys()
     check_keys(base_keys, synth_keys)

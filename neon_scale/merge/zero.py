@@ -21,11 +21,19 @@ partitions, one 1-D tensor per group:
   ceil(numel / W) elements (the last one padded); rank r's groups, read one after the other, hold
   its slice of every parameter in `param_shapes` order.
 
+Adam's states (`optimizer_state(key, "exp_avg")`, ...) are the base optimizer's state of each
+flat group (ZeRO 1/2 `base_optimizer_state`, ZeRO 3 `optimizer_state_dict`, torch's format: state
+index i is flat group i, since DeepSpeed builds its flat groups param group after param group),
+laid out like the fp32 partitions (ZeRO 1/2: the last rank's keeps its tail padding); with
+`adam_step()`, `param_groups()` and `training_state()` (the engine's counters and lr scheduler)
+they let a run resume on another number of ranks (neon_scale.train.reshard).
+
 Every file is opened with torch.load(mmap=True, weights_only=True): only this metadata is
 unpickled, tensor data stays on disk, and `get(key)` copies just that key's slices (one per rank)
-into a new tensor. The result equals deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_
-checkpoint bit for bit, dtypes included (floating buffers are returned as float32, frozen
-parameters with their stored dtype; ZeRO 1 does not save frozen parameters).
+into a new tensor; EMA partitions (safetensors) are read a slice at a time too. The result equals
+deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint bit for bit, dtypes
+included (floating buffers are returned as float32, frozen parameters with their stored dtype;
+ZeRO 1 does not save frozen parameters: `module_tensor` takes them from the saved module).
 """
 from __future__ import annotations
 
@@ -95,13 +103,29 @@ def is_zero_checkpoint(path: pathlib.Path, tag: str | None) -> bool:
     return tag is not None or (path / "latest").is_file() or bool(_optim_files(path))
 
 
-def _pieces(parts: list[torch.Tensor], lo: int, hi: int) -> list[torch.Tensor]:
-    """Views of elements [lo, hi) of the concatenation of the 1-D tensors `parts`."""
+class _SafetensorsFlat:
+    """A 1-D tensor of an open safetensors file, read a slice at a time (never whole)."""
+
+    def __init__(self, handle, key: str):
+        self._slice = handle.get_slice(key)
+        self._numel = math.prod(self._slice.get_shape())
+
+    def numel(self) -> int:
+        return self._numel
+
+    def slice(self, lo: int, hi: int) -> torch.Tensor:
+        return self._slice[lo:hi]
+
+
+def _pieces(parts: list, lo: int, hi: int) -> list[torch.Tensor]:
+    """Elements [lo, hi) of the concatenation of the 1-D tensors `parts` (views, or slices read
+    from a _SafetensorsFlat)."""
     out, start = [], 0
     for t in parts:
         end = start + t.numel()
         if start < hi and end > lo:
-            out.append(t.detach()[max(lo - start, 0):min(hi, end) - start])
+            a, b = max(lo - start, 0), min(hi, end) - start
+            out.append(t.slice(a, b) if isinstance(t, _SafetensorsFlat) else t.detach()[a:b])
         start = end
     return out
 
@@ -142,14 +166,21 @@ class ZeroCheckpointSource(TensorSource):
         flat_key = "fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"
         self._flat: list[list[torch.Tensor]] = []  # [rank][group] -> 1-D mmapped fp32 tensor
         self._optim_paths = [d / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+        self._optim: list[dict] = []  # [rank] -> optimizer_state_dict (tensors mmapped)
         for r, f in enumerate(self._optim_paths):
             osd = sd0 if r == 0 else _load(f, f"ZeRO optimizer partition of rank {r}").get("optimizer_state_dict", {})
             groups = osd.get(flat_key) if isinstance(osd, dict) else None
             if not isinstance(groups, (list, tuple)) or not all(isinstance(t, torch.Tensor) and t.dim() == 1 for t in groups):
                 raise NeonError(f"{f}: unsupported layout (no list of 1-D tensors under {flat_key})")
             self._flat.append(list(groups))
+            self._optim.append(osd)
+        self._dir = d
+        self._masters = self._flat
+        self._ema: list[list[_SafetensorsFlat]] | None = None
+        self._ema_handles: list = []
+        self._states: dict[str, list[list[torch.Tensor]]] = {}  # optimizer state key -> [rank][group]
         if ema:
-            self._flat = [self._ema_groups(d, r, len(groups)) for r, groups in enumerate(self._flat)]
+            self._flat = self._ema_flat()
         if self.stage <= 2:
             model_files = [d / "mp_rank_00_model_states.pt"]
         else:
@@ -181,7 +212,7 @@ class ZeroCheckpointSource(TensorSource):
                 self._entries[alias] = self._entries[target]
         order = [k for k in module if k in self._entries]
         self._keys = order + [k for k in self._entries if k not in set(order)]
-        prefix = self._wrapper_prefix(d)
+        self.prefix = prefix = self._wrapper_prefix(d)  # what the keys lost against the saved names
         if prefix:  # saved by our trainer, whose engine wraps the model: names as in model.state_dict()
             self._entries = {k.removeprefix(prefix): v for k, v in self._entries.items()}
             self._keys = [k.removeprefix(prefix) for k in self._keys]
@@ -201,27 +232,43 @@ class ZeroCheckpointSource(TensorSource):
         except (OSError, ValueError) as e:
             raise NeonError(f"{path}: cannot read ({e})") from None
 
-    @staticmethod
-    def _ema_groups(d: pathlib.Path, rank: int, n_groups: int) -> list[torch.Tensor]:
-        """Rank `rank`'s EMA partitions (neon_scale.train.ema), laid out like its fp32 masters."""
-        from safetensors import safe_open
+    def _like_partition(self, numel: int, master_numel: int, rank: int) -> bool:
+        """A flat tensor laid out like rank `rank`'s fp32 partition: the same size, but for the tail
+        padding ZeRO 1/2 strips from the last rank's saved masters only (its Adam states and our EMA
+        keep it)."""
+        return numel == master_numel or (self.stage <= 2 and rank == self.world - 1 and numel > master_numel)
 
-        from ..train.ema import ema_file
+    def _ema_flat(self) -> list[list[_SafetensorsFlat]]:
+        """Every rank's EMA partitions (neon_scale.train.ema), laid out like its fp32 masters; the
+        files stay open and are read a slice at a time."""
+        if self._ema is None:
+            from safetensors import safe_open
 
-        path = ema_file(d, rank)
-        if not path.is_file():
-            raise NeonError(f"{path}: no EMA partition in this checkpoint (trained without train.ema_decay?)")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                groups = [f.get_tensor(f"group{g}") for g in range(n_groups)]
-        except Exception as e:
-            raise NeonError(f"{path}: cannot read the EMA partition ({type(e).__name__}: {e})") from None
-        return groups
+            from ..train.ema import ema_file
+
+            ema = []
+            for r, masters in enumerate(self._masters):
+                path = ema_file(self._dir, r)
+                if not path.is_file():
+                    raise NeonError(f"{path}: no EMA partition in this checkpoint (trained without train.ema_decay?)")
+                try:
+                    handle = safe_open(str(path), framework="pt")
+                    self._ema_handles.append(handle)
+                    groups = [_SafetensorsFlat(handle, f"group{g}") for g in range(len(masters))]
+                except Exception as e:  # noqa: BLE001  (safetensors' errors of every kind: one line)
+                    raise NeonError(f"{path}: cannot read the EMA partition ({type(e).__name__}: {e})") from None
+                for g, (e, m) in enumerate(zip(groups, masters)):
+                    if not self._like_partition(e.numel(), m.numel(), r):
+                        raise NeonError(f"{path}: EMA group{g} holds {e.numel()} elements, the fp32 partition "
+                                        f"{m.numel()} (from another run?)")
+                ema.append(groups)
+            self._ema = ema
+        return self._ema
 
     def _layout_zero12(self, param_shapes: list, paddings: list | None, first: pathlib.Path) -> None:
-        if any(len(groups) != len(param_shapes) for groups in self._flat):
+        if any(len(groups) != len(param_shapes) for groups in self._masters):
             raise NeonError(f"{first}: unsupported layout ({len(param_shapes)} parameter groups in param_shapes, "
-                            f"{len(self._flat[0])} fp32 partitions)")
+                            f"{len(self._masters[0])} fp32 partitions)")
         align = 2 * self.world  # DeepSpeed pads every group to a multiple of 2 * world size
         for g, shapes in enumerate(param_shapes):
             pads = paddings[g] if paddings is not None else [0] * len(shapes)
@@ -232,7 +279,7 @@ class ZeroCheckpointSource(TensorSource):
                 numel = math.prod(shape)
                 self._entries[name] = ("flat", _Slot(g, offset, numel, tuple(shape)))
                 offset += numel + pad
-            avail = sum(groups[g].numel() for groups in self._flat)
+            avail = sum(groups[g].numel() for groups in self._masters)
             if math.ceil(offset / align) != math.ceil(avail / align):
                 raise NeonError(f"{first}: unsupported layout (group {g}: parameters need {offset} elements, "
                                 f"the partitions hold {avail})")
@@ -244,7 +291,7 @@ class ZeroCheckpointSource(TensorSource):
                 numel = math.prod(shape)
                 self._entries[name] = ("flat", _Slot(-1, offset, numel, tuple(shape)))
                 offset += math.ceil(numel / self.world)
-        for r, groups in enumerate(self._flat):
+        for r, groups in enumerate(self._masters):
             have = sum(t.numel() for t in groups)
             if have != offset:
                 raise NeonError(f"{self._optim_paths[r]}: unsupported layout or truncated "
@@ -256,7 +303,7 @@ class ZeroCheckpointSource(TensorSource):
     def meta(self, key: str) -> TensorMeta:
         kind, what = self._entries[key]
         if kind == "flat":
-            return TensorMeta(what.shape, self._flat[0][0].dtype)
+            return TensorMeta(what.shape, self._masters[0][0].dtype)  # the EMA is fp32 too
         if kind == "frozen":
             shape = self._models[0]["frozen_param_shapes"][what]
             return TensorMeta(tuple(shape), self._models[0]["frozen_param_fragments"][what].dtype)
@@ -271,12 +318,114 @@ class ZeroCheckpointSource(TensorSource):
                 return t.to(torch.float32 if t.is_floating_point() else t.dtype, copy=True)
             if kind == "frozen":
                 return self._join([m["frozen_param_fragments"][what].reshape(-1) for m in self._models], key)
-            if self.stage <= 2:
-                parts = [groups[what.group] for groups in self._flat]
-                return self._join(_pieces(parts, what.offset, what.offset + what.numel), key)
-            per_rank = math.ceil(what.numel / self.world)
-            pieces = [p for groups in self._flat for p in _pieces(groups, what.offset, what.offset + per_rank)]
-            return self._join(pieces, key)
+            return self._slot(self._flat, what, key)
+
+    def _slot(self, flat: list[list], what: _Slot, key: str) -> torch.Tensor:
+        """The full tensor at `what` in the per-rank flat groups `flat` (masters, EMA or a state)."""
+        if self.stage <= 2:
+            parts = [groups[what.group] for groups in flat]
+            return self._join(_pieces(parts, what.offset, what.offset + what.numel), key)
+        per_rank = math.ceil(what.numel / self.world)
+        pieces = [p for groups in flat for p in _pieces(groups, what.offset, what.offset + per_rank)]
+        return self._join(pieces, key)
+
+    def _trained(self, key: str) -> _Slot:
+        kind, what = self._entries.get(key, (None, None))
+        if kind != "flat":
+            raise NeonError(f"{self.name}: '{key}' is not a trained parameter of this checkpoint")
+        return what
+
+    def kind(self, key: str) -> str:
+        """What `key` is: "trainable" (fp32 master and optimizer state), "frozen" or "buffer"."""
+        return {"flat": "trainable"}.get(self._entries[key][0], self._entries[key][0])
+
+    def get_master(self, key: str) -> torch.Tensor:
+        """The fp32 master weight (what `get` returns when not opened with ema=True)."""
+        return self._slot(self._masters, self._trained(key), key)
+
+    def get_ema(self, key: str) -> torch.Tensor:
+        """The full fp32 EMA of a trained parameter (the trainer's per-rank EMA partitions)."""
+        return self._slot(self._ema_flat(), self._trained(key), key)
+
+    def _base_state(self, rank: int) -> dict:
+        """Rank `rank`'s base optimizer state dict (torch's format)."""
+        osd, path = self._optim[rank], self._optim_paths[rank]
+        base = osd.get("optimizer_state_dict" if self.stage == 3 else "base_optimizer_state")
+        if not (isinstance(base, dict) and isinstance(base.get("state"), dict) and isinstance(base.get("param_groups"), list)):
+            raise NeonError(f"{path}: unsupported layout (no torch optimizer state dict; saved with "
+                            f"zero_optimization.elastic_checkpoint?)")
+        return base
+
+    def optimizer_state_keys(self) -> list[str]:
+        """The optimizer's per-element states (Adam: exp_avg, exp_avg_sq); empty when saved before
+        the first step."""
+        state = self._base_state(0)["state"]
+        first = state.get(0, {})
+        return [k for k, v in first.items() if isinstance(v, torch.Tensor) and v.dim() == 1]
+
+    def _state_flat(self, which: str) -> list[list[torch.Tensor]]:
+        if which not in self._states:
+            per_rank = []
+            for r, masters in enumerate(self._masters):
+                state, path = self._base_state(r)["state"], self._optim_paths[r]
+                groups = []
+                for g, m in enumerate(masters):
+                    t = state.get(g, {}).get(which)
+                    ok = isinstance(t, torch.Tensor) and t.dim() == 1 and self._like_partition(t.numel(), m.numel(), r)
+                    if not ok:
+                        raise NeonError(f"{path}: optimizer state '{which}' of group {g} missing or not laid out "
+                                        f"like its fp32 partition ({m.numel()} elements)")
+                    groups.append(t)
+                per_rank.append(groups)
+            self._states[which] = per_rank
+        return self._states[which]
+
+    def optimizer_state(self, key: str, which: str) -> torch.Tensor:
+        """The full fp32 optimizer state `which` (e.g. "exp_avg") of a trained parameter."""
+        return self._slot(self._state_flat(which), self._trained(key), key)
+
+    def adam_step(self) -> torch.Tensor | None:
+        """The optimizer's step count (as saved: a scalar tensor), the same for every group of every
+        rank; None when saved before the first step."""
+        steps = {}
+        for r in range(self.world):
+            for i, s in self._base_state(r)["state"].items():
+                if "step" in s:
+                    steps.setdefault(float(s["step"]), (r, i, s["step"]))
+        if len(steps) > 1:
+            raise NeonError(f"{self.name}: optimizer groups at different step counts {sorted(steps)}; "
+                            f"cannot re-partition")
+        return torch.as_tensor(next(iter(steps.values()))[2]).clone() if steps else None
+
+    def param_groups(self) -> list[dict]:
+        """The optimizer's hyperparameters (lr, betas, ...) per param group, as saved."""
+        return [{k: v for k, v in g.items() if k != "params"} for g in self._base_state(0)["param_groups"]]
+
+    def training_state(self) -> dict:
+        """What the engine keeps besides tensors: global_steps, global_samples, skipped_steps,
+        lr_scheduler (a state dict or None), and the loss scaler (loss_scaler, dynamic_loss_scale,
+        overflow; fp16 only changes them)."""
+        m0, sd0 = self._models[0], self._optim[0]
+        missing = [k for k in ("global_steps", "skipped_steps") if not isinstance(m0.get(k), int)]
+        if missing:
+            raise NeonError(f"{self.name}: the model states lack {missing} (not saved by engine.save_checkpoint?)")
+        out = {k: m0.get(k) for k in ("global_steps", "global_samples", "skipped_steps", "lr_scheduler")}
+        out.update({k: sd0[k] for k in ("loss_scaler", "dynamic_loss_scale", "overflow") if k in sd0})
+        return out
+
+    def module_tensor(self, key: str) -> torch.Tensor:
+        """A frozen parameter or buffer as the engine saved it (its own dtype, not cast); under
+        ZeRO 1 frozen parameters come from the saved module, which holds them whole."""
+        kind, what = self._entries.get(key, (None, None))
+        if kind == "frozen":
+            return self.get(key)
+        name = self.prefix + key
+        module = self._models[0].get("module") or {}
+        t = module.get(name) if isinstance(module, dict) else None
+        if not isinstance(t, torch.Tensor) or (self.stage == 3 and kind != "buffer"):
+            raise NeonError(f"{self.name}: '{key}' is not saved in this checkpoint "
+                            f"(frozen parameter or buffer expected)")
+        return t.detach().clone()
 
     def _join(self, pieces: list[torch.Tensor], key: str) -> torch.Tensor:
         """The first numel elements of the concatenated pieces (dropping partition padding), as a
@@ -291,4 +440,6 @@ class ZeroCheckpointSource(TensorSource):
         return torch.cat(_pieces(pieces, 0, numel)).view(meta.shape)
 
     def close(self) -> None:
-        self._flat, self._models = [], []  # drop the mmapped tensors
+        # drop the mmapped tensors and the open EMA files
+        self._flat, self._masters, self._models, self._optim, self._states = [], [], [], [], {}
+        self._ema, self._ema_handles = None, []

@@ -8,12 +8,13 @@ once), and, only when IS/KID/PR are asked for, the rows themselves with their gl
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 from torch.utils.data import DataLoader
 
-from .. import dist
+from .. import dist, stop
 from ..console import progress
 from ..errors import NeonError
 from .backbones import Backbone, as_rgb
@@ -132,6 +133,8 @@ def extract(source, features: Backbone, stats: FeatureStats, workers: int = 2, s
     before = dict(features.seconds)
     decode = 0.0
     start = time.perf_counter()
+    # every rank reaches as many stop points as rank 0 (the largest share) has batches
+    stop_points = math.ceil(len(range(0, len(source), dist.world())) / features.batch_size)
     with progress(label, len(share)) as bar:
         it = iter(loader)
         while True:
@@ -151,6 +154,10 @@ def extract(source, features: Backbone, stats: FeatureStats, workers: int = 2, s
                 done += len(index)
             rate = stats.n / max(time.perf_counter() - start, 1e-9) * dist.world()
             bar.update(advance=done, info=f"{rate:.1f} img/s")
+            stop.check(label, "nothing kept: feature extraction starts again")
+            stop_points -= 1
+        for _ in range(stop_points):
+            stop.check(label, "nothing kept: feature extraction starts again")
     total = time.perf_counter() - start
     return {"decode": decode, "total": total,
             **{k: features.seconds[k] - before[k] for k in features.seconds}}

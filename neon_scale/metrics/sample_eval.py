@@ -2,7 +2,8 @@
 
 The n samples are split into fixed chunks; chunk i is always drawn with the random stream
 (seed, i) and is handled by rank i mod world, so every w sees the same noise and the result does
-not depend on the number of ranks. Features accumulate as float64 moments, all-reduced once.
+not depend on the number of ranks. Ranks work in rounds of one chunk each, a stop point per round.
+Features accumulate as float64 moments, all-reduced once.
 Image models hand their uint8 samples straight to the feature backbone (no PNG round trip);
 other models (the toys) use their own features and reference statistics.
 """
@@ -12,7 +13,7 @@ import math
 
 import torch
 
-from .. import dist, rng
+from .. import dist, rng, stop
 from ..models.registry import ModelSpec
 from .fid import Moments, frechet_distance
 
@@ -40,9 +41,13 @@ class SampleMetric:
 def evaluate(metric: SampleMetric, model: torch.nn.Module, sampler, n: int, seed: int, chunk: int) -> float:
     moments = Moments(metric.mu_ref.shape[0])
     n_chunks = math.ceil(n / chunk)
-    for i in range(dist.rank(), n_chunks, dist.world()):
-        count = min(chunk, n - i * chunk)
-        samples = metric.spec.sample(model, count, rng.generator(seed, "eval", i), sampler, start=i * chunk)
-        moments.add(metric.features(samples))
+    rounds = math.ceil(n_chunks / dist.world())
+    for r in range(rounds):  # the same number of rounds (and stop points) on every rank
+        i = r * dist.world() + dist.rank()
+        if i < n_chunks:
+            count = min(chunk, n - i * chunk)
+            samples = metric.spec.sample(model, count, rng.generator(seed, "eval", i), sampler, start=i * chunk)
+            moments.add(metric.features(samples))
+        stop.check(f"an evaluation ({n} samples, chunk round {r + 1}/{rounds})", "evaluated points kept")
     mu, sigma = moments.all_reduce().mean_cov()
     return frechet_distance(mu, sigma, metric.mu_ref, metric.sigma_ref)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import rng
 from ..config import _f
 from .registry import ModelSpec, register
 
@@ -101,8 +102,8 @@ class ToyDiffusion(_ToyGaussianData, ModelSpec):
         x0 = batch["x"].float()
         n_steps = model.train_steps
         abar = cosine_alphas_cumprod(n_steps).float()
-        t = torch.randint(0, n_steps, (x0.shape[0],), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
+        t = rng.randint(gen, n_steps, (x0.shape[0],))
+        eps = rng.randn(gen, x0.shape)
         a = abar[t].unsqueeze(1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         pred = model(xt, (t.float() / (n_steps - 1)).unsqueeze(1))

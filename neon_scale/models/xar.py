@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import rng
 from ..errors import NeonError
 from .dit import TimestepEmbedder
 from .latent import check_labels
@@ -361,9 +362,9 @@ def flow_loss(model: XAR, latents: torch.Tensor, labels: torch.Tensor, gen: torc
         raise NeonError(f"xAR flow loss: latents of shape {tuple(latents.shape)}, expected [B, {expect[0]}, "
                         f"{expect[1]}, {expect[2]}]")
     b, dev = latents.shape[0], latents.device
-    drop = torch.rand(b, generator=gen, device=gen.device) < model.label_drop_prob
-    z = torch.randn(b, model.clusters, generator=gen, device=gen.device, dtype=torch.float64)
+    drop = rng.rand(gen, (b,)) < model.label_drop_prob
+    z = rng.randn(gen, (b, model.clusters), dtype=torch.float64)
     t = torch.sigmoid(z).float()
-    noise = torch.randn(b, model.seq_len, model.vae_embed_dim, generator=gen, device=gen.device)
+    noise = rng.randn(gen, (b, model.seq_len, model.vae_embed_dim))
     labels = torch.where(drop.to(dev), model.num_classes, labels.to(dev))
     return flow_loss_at(model, latents, labels, t.to(dev), noise.to(dev))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import rng
 from ..kernels import cfg_step
 
 TRAIN_STEPS = 1000
@@ -165,8 +166,8 @@ def training_loss(model, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Gene
     MSE(eps) + (learned variance) the VLB term with the mean prediction frozen."""
     sched = sched or Schedule.respaced(None)
     dev = x0.device
-    t = torch.randint(0, sched.steps, (x0.shape[0],), generator=gen, device=gen.device).to(dev)
-    noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(dev)
+    t = rng.randint(gen, sched.steps, (x0.shape[0],)).to(dev)
+    noise = rng.randn(gen, x0.shape).to(dev)
     x0 = x0.float()
     nd = x0.ndim
     xt = sched.at("sqrt_ac", t, nd) * x0 + sched.at("sqrt_1m_ac", t, nd) * noise

@@ -14,7 +14,7 @@ import pathlib
 
 import torch
 
-from .. import dist, rng
+from .. import dist, rng, stop
 from ..console import log, progress
 from ..data.real import load_real
 from ..data.shards import MANIFEST, shard_name, write_manifest, write_shard
@@ -24,7 +24,9 @@ from .common import RunContext, StageDir
 SHARD_SIZE = 1000  # real images per shard of base/real/
 
 
-def train_from_scratch(ctx: RunContext) -> dict[str, torch.Tensor]:
+def train_from_scratch(ctx: RunContext) -> dict[str, torch.Tensor] | None:
+    """The toy's theta_r (rank 0 alone, seconds to a minute); None when a stop signal reached this
+    rank first (a rerun trains it again from scratch, to the same weights)."""
     cfg, spec = ctx.cfg.base, ctx.spec
     torch.manual_seed(rng.seed_of(cfg.seed, "init"))
     model = spec.build(spec.parse_args(ctx.cfg.model.args))
@@ -34,6 +36,8 @@ def train_from_scratch(ctx: RunContext) -> dict[str, torch.Tensor]:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     with progress("base: training theta_r", cfg.steps) as bar:
         for step in range(cfg.steps):
+            if step % 100 == 0 and stop.requested():  # local: the other ranks wait in a barrier
+                return None
             if cfg.batch_size and cfg.batch_size < cfg.n_real:
                 idx = torch.randint(0, cfg.n_real, (cfg.batch_size,), generator=batch_gen)
                 batch = {k: v[idx] for k, v in data.items()}
@@ -93,8 +97,9 @@ def run(ctx: RunContext) -> None:
         log("base: complete, skipped")
         return
     stage.prepare()
+    cut = False
     if ctx.cfg.data.source is not None and not ctx.cfg.base.weights and not ctx.cfg.base.random_init:
-        train_on_real(ctx)
+        train_on_real(ctx)  # stops (and checkpoints) inside the trainer
     elif dist.is_main():
         if ctx.cfg.base.weights:
             state = load_state_dict(ctx.cfg.base.weights, ctx.cfg.base.weights_key)
@@ -104,7 +109,13 @@ def run(ctx: RunContext) -> None:
             state = ctx.spec.build(ctx.model_args()).state_dict()
         else:
             state = train_from_scratch(ctx)
-        save_state_dict(ctx.base_weights(), state, {"model": ctx.cfg.model.name})
+            cut = state is None
+        if not cut:
+            save_state_dict(ctx.base_weights(), state, {"model": ctx.cfg.model.name})
     dist.barrier()
+    if dist.any_flag(cut):
+        raise stop.Stopped(stop.message("base (training theta_r from scratch on rank 0)",
+                                        "nothing kept: it trains again from scratch, to the same weights"))
     stage.mark_done()
     log(f"base: wrote {ctx.base_weights()}")
+    stop.check("base", f"theta_r kept in {ctx.base_weights()}")

@@ -7,6 +7,11 @@ the cache that makes a killed sweep resume where it stopped. w = 0 is the base m
 once and shared by all checkpoints. Outputs: results.jsonl, summary.json, fid_vs_w.png, and for
 image models samples.png (a row per class at w = 0 and at each checkpoint's best w, same noise).
 
+Curves (rank 0, neon_scale.tracking, `<run>/tb/sweep`): every evaluated point of the selection
+under `<checkpoint>/<metric>` (`.../g=<guidance>` with a guidance sweep) at step round(w x 1000),
+cached points included so a resumed sweep draws the whole curve; per sampler setting, the
+summary numbers at step = fine-tune steps; and the fid_vs_w figure.
+
 Image models are measured with the backbone of `eval.features` against reference statistics
 (stages/metric.py prepares both). `sweep.repeats` > 0 re-evaluates w = 0 and the best w, each at
 its best guidance, with that many fresh evaluation seeds (not the one the selection used, so the
@@ -27,8 +32,13 @@ from ..io import atomic_path, load_state_dict, write_json, write_text
 from ..merge.inplace import Extrapolator, module_slots
 from ..metrics.sample_eval import SampleMetric, evaluate
 from ..sweep import search
+from ..tracking import Tracker, open_tracker
 from . import metric as metric_stage
-from .common import RunContext, StageDir
+from .common import RunContext, StageDir, sampler_tag
+
+# TensorBoard steps are integers: a sweep point is drawn at step round(w x W_STEP_SCALE), so
+# w = -0.75 is step -750 (w values closer than 1e-3 would share a step).
+W_STEP_SCALE = 1000
 
 
 class PointStore:
@@ -65,7 +75,7 @@ class PointStore:
             write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows.values()))
 
 
-def _plot(summary: list[dict], store: PointStore, path, metric_name: str) -> None:
+def _plot(summary: list[dict], store: PointStore, path, metric_name: str, tracker: Tracker) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,6 +100,7 @@ def _plot(summary: list[dict], store: PointStore, path, metric_name: str) -> Non
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
+    tracker.figure("fid_vs_w", fig, 0)
     plt.close(fig)
 
 
@@ -170,6 +181,27 @@ def _metric_name(ctx: RunContext) -> str:
     return METRIC_NAMES[ctx.cfg.eval.features] if ctx.spec.makes_images else ctx.spec.metric_name
 
 
+def _curve_point(tracker: Tracker, row: dict, metric_name: str) -> None:
+    """One point of the sweep curve: `<checkpoint>/<metric>[/g=<guidance>]` at step round(w x 1000)."""
+    key = metric_name if "guidance" not in row else f"{metric_name}/g={row['guidance']}"
+    tracker.scalars(row["checkpoint"], {key: row["metric"]}, round(row["w"] * W_STEP_SCALE))
+
+
+def _summary_scalars(tracker: Tracker, entry: dict, metric_name: str) -> None:
+    """A checkpoint's summary under `summary/<sampler>/...` at step = its fine-tune steps: with
+    several save_steps, these are curves of the outcome against fine-tune length."""
+    m = metric_name
+    values = {"best_w": entry["best_w"], f"best_{m}": entry["best_metric"], f"{m}_w0": entry["metric_w0"],
+              f"{m}_ratio": entry["best_metric"] / entry["metric_w0"] if entry["metric_w0"] else None,
+              "best_guidance": entry.get("best_guidance"), f"final_{m}": entry.get("final_metric"),
+              "points": entry["points"]}
+    if "repeats" in entry:
+        r = entry["repeats"]
+        values.update({f"repeats/{m}_w0": r["w0"]["mean"], f"repeats/best_{m}": r["best"]["mean"],
+                       "repeats/diff": r["diff"]["mean"], "repeats/diff_se": r["diff"]["se"]})
+    tracker.scalars(f"summary/{sampler_tag(entry['sampler'])}", values, entry["steps"])
+
+
 def run(ctx: RunContext) -> None:
     cfg = ctx.cfg
     metric_name = _metric_name(ctx)
@@ -179,6 +211,15 @@ def run(ctx: RunContext) -> None:
         log("sweep: complete, skipped")
         print_summary(json.loads(summary_path.read_text()), metric_name)
         return
+    # fresh: the cache re-logs every point, so a killed run's events would only draw them twice.
+    # `with`: the event file is flushed and closed on every way out (errors, stop signals).
+    with open_tracker(ctx.run_dir, cfg.run, "sweep", config=cfg.to_dict(), fresh=True) as tracker:
+        _sweep(ctx, stage, metric_name, tracker)
+
+
+def _sweep(ctx: RunContext, stage: StageDir, metric_name: str, tracker: Tracker) -> None:
+    cfg = ctx.cfg
+    summary_path = stage.path / "summary.json"
     sw, ev = cfg.sweep, cfg.eval
     # ------------------------------------------------------------------ Metric
     if ctx.spec.makes_images:
@@ -194,6 +235,7 @@ def run(ctx: RunContext) -> None:
     base_state = load_state_dict(ctx.base_weights())
     model = ctx.load_model(ctx.base_weights())
     summary, pictures = [], []
+    drawn: set[tuple] = set()  # curve points already logged (final_n may repeat one; repeats are not on it)
     checkpoints = ctx.checkpoints()
     # ------------------------------------------------------------------ Sweep each checkpoint
     with progress("sweep", len(checkpoints)) as bar:
@@ -214,6 +256,10 @@ def run(ctx: RunContext) -> None:
                     metric = evaluate(sample_metric, model, ctx.spec.parse_sampler(eval_sampler), n,
                                       ev.seed if seed is None else seed, ev.chunk)
                 store.add({**row, "eval_sampler": eval_sampler, "metric_name": metric_name, "metric": metric})
+                point = (row["checkpoint"], w, g)
+                if n == ev.n and seed is None and point not in drawn:  # the selection's points only
+                    drawn.add(point)
+                    _curve_point(tracker, {**row, "metric": metric}, metric_name)
                 return metric
 
             (bw, bg), best, seen = search(metric_at, sw.w_grid(), sw.guidance, mode=sw.mode, tol=sw.tol,
@@ -238,13 +284,14 @@ def run(ctx: RunContext) -> None:
                     pictures.append(_panel(ctx, model, extrapolator, 0.0, entry.get("guidance_w0"), "w = 0"))
                 pictures.append(_panel(ctx, model, extrapolator, bw, bg, f"{ckpt['name']}: best w = {bw}"))
             summary.append(entry)
+            _summary_scalars(tracker, entry, metric_name)
             bar.update(info=f"{ckpt['name']}: best w {bw} ({best:.4f})")
     # ------------------------------------------------------------------ Report
     if dist.is_main():
         if pictures:
             _samples_picture(pictures, _num_classes(ctx), PER_CLASS, stage.path / "samples.png")
         write_json(summary_path, summary)
-        _plot(summary, store, stage.path / "fid_vs_w.png", metric_name)
+        _plot(summary, store, stage.path / "fid_vs_w.png", metric_name, tracker)
     stage.mark_done()
     print_summary(summary, metric_name)
 

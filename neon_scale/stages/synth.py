@@ -2,7 +2,9 @@
 
 Shard c of a set holds samples [c * shard_size, ...) drawn with the random stream (seed,
 setting, c) by rank c mod world, so the set is the same whatever the number of ranks; existing
-shards are complete (atomic writes) and skipped on resume.
+shards are complete (atomic writes) and skipped on resume. Ranks work in rounds of one shard each,
+and every rank reaches the same stop points (one per sampling batch): on a stop signal the
+finished shards stay and the one being drawn is dropped.
 """
 from __future__ import annotations
 
@@ -11,23 +13,20 @@ import math
 
 import torch
 
-from .. import dist, rng
+from .. import dist, rng, stop
 from ..console import log, progress
 from ..data.shards import shard_name, write_manifest, write_shard
 from .common import RunContext, StageDir, sampler_tag
 
 
-def sample_chunked(ctx: RunContext, model, count: int, gen: torch.Generator, sampler, batch_size: int,
-                   first: int) -> dict[str, torch.Tensor]:
-    """`count` samples (set indices first, first + 1, ...) in calls of at most batch_size; image
-    models with synth.save_images also get their decoded images."""
-    parts = []
+def sample_batches(ctx: RunContext, model, count: int, gen: torch.Generator, sampler, batch_size: int, first: int):
+    """`count` samples (set indices first, first + 1, ...) in calls of at most batch_size, one
+    dict per call; image models with synth.save_images also get their decoded images."""
     for start in range(0, count, batch_size):
         part = ctx.spec.sample(model, min(batch_size, count - start), gen, sampler, start=first + start)
         if ctx.cfg.synth.save_images and ctx.spec.makes_images:
             part["image"] = ctx.spec.images(part, ctx.model_args())
-        parts.append(part)
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        yield part
 
 
 def run(ctx: RunContext) -> None:
@@ -40,21 +39,31 @@ def run(ctx: RunContext) -> None:
     model = ctx.load_model(ctx.base_weights())
     rank, world = dist.rank(), dist.world()
     n_shards = math.ceil(cfg.n / cfg.shard_size)
+    per_shard = math.ceil(cfg.shard_size / cfg.batch_size)  # sampling calls (and stop points) per round
     for settings in cfg.samplers:
         sampler = ctx.spec.parse_sampler(settings)
         tag = sampler_tag(settings)
         set_dir = ctx.synth_dir(settings)
         set_dir.mkdir(parents=True, exist_ok=True)
         record_settings = {"sampler": dataclasses.asdict(sampler), "model": ctx.cfg.model.name}
-        mine = list(range(rank, n_shards, world))
-        with progress(f"synth {tag}", len(mine)) as bar:
-            for c in mine:
-                count = min(cfg.shard_size, cfg.n - c * cfg.shard_size)
+        rounds = math.ceil(n_shards / world)
+        with progress(f"synth {tag}", rounds) as bar:
+            for r in range(rounds):
+                c = r * world + rank
                 path = set_dir / shard_name(c)
-                if not path.exists():
-                    gen = rng.generator(cfg.seed, tag, c)
-                    samples = sample_chunked(ctx, model, count, gen, sampler, cfg.batch_size, c * cfg.shard_size)
-                    write_shard(path, samples, record_settings, key_prefix=f"{c:06d}")
+                todo = c < n_shards and not path.exists()
+                count = min(cfg.shard_size, cfg.n - c * cfg.shard_size)
+                batches = iter(sample_batches(ctx, model, count, rng.generator(cfg.seed, tag, c), sampler,
+                                              cfg.batch_size, c * cfg.shard_size) if todo else ())
+                parts = []
+                for _ in range(per_shard):  # the same count on every rank, with work or without
+                    part = next(batches, None)
+                    if part is not None:
+                        parts.append(part)
+                    stop.check(f"synth {tag} (shard round {r + 1}/{rounds})", f"finished shards kept in {set_dir}")
+                if todo:
+                    write_shard(path, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, record_settings,
+                                key_prefix=f"{c:06d}")
                 bar.update()
         dist.barrier()
         if dist.is_main():

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .. import dist, rng
+from .. import dist, rng, stop
 from ..console import log, progress
 from ..data.stream import MicroBatchLoader
 from ..config import TrainConfig
@@ -27,13 +27,15 @@ from ..io import disk_errors, save_state_dict, write_json, write_text
 from ..train import checkpoint
 from ..train.ema import PartitionEMA
 from ..train.engine import full_fp32_state_dict, initialize, micro_batch_size
+from ..tracking import open_tracker
 from .common import RunContext, StageDir, sampler_tag
 
 
-def drop_labels(batch: dict[str, torch.Tensor], p: float, null: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Label dropout for classifier-free guidance: each label becomes `null` with probability p."""
+def drop_labels(batch: dict[str, torch.Tensor], p: float, null: int, noise) -> dict[str, torch.Tensor]:
+    """Label dropout for classifier-free guidance: each label becomes `null` with probability p
+    (`noise`: a torch.Generator or the step's rng.StepNoise)."""
     labels = batch["cls"]
-    drop = torch.rand(labels.shape, generator=gen) < p
+    drop = rng.rand(noise, labels.shape) < p
     return {**batch, "cls": torch.where(drop, torch.full_like(labels, null), labels)}
 
 
@@ -80,27 +82,36 @@ def run_trainer(ctx: RunContext, cfg: TrainConfig, build: Callable[[], torch.nn.
     state = checkpoint.resume(engine, ckpt_dir, ema) or {}
     start = int(state.get("step", 0))
     if start:
-        log(f"train {tag}: resuming from step {start} ({start * cfg.global_batch} images seen)")
+        how = "" if state.get("world", world) == world else f", re-partitioned from {state['world']} to {world} rank(s)"
+        log(f"train {tag}: resuming from step {start} ({start * cfg.global_batch} images seen{how})")
     loader = MicroBatchLoader(data_dir, micro, cfg.seed, rank, world, cfg.workers, cfg.skip_bad,
-                              state.get("loader"))
+                              state.get("loader"), grad_accum=cfg.grad_accum)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = out_dir / "metrics.jsonl"
     _trim_metrics(metrics, start)
     total = save_steps[-1]
 
-    def save_checkpoint(step: int) -> None:
-        checkpoint.save(engine, ckpt_dir, step, {"loader": loader.state()}, ema, cfg.keep_last)
+    def bad_total() -> int:  # collective
+        return int(dist.all_reduce_sum(torch.tensor([loader.bad], dtype=torch.float64)).item())
 
-    with progress(f"train {tag}", total) as bar:
+    def save_checkpoint(step: int) -> None:
+        checkpoint.save(engine, ckpt_dir, step, {"loader": loader.state(bad_total())}, ema, cfg.keep_last)
+
+    name = str(out_dir.relative_to(ctx.run_dir)) if out_dir.is_relative_to(ctx.run_dir) else tag
+    purge = start + 1 if start else None  # TensorBoard then hides what a stopped run logged after its checkpoint
+    with progress(f"train {tag}", total) as bar, open_tracker(ctx.run_dir, ctx.cfg.run, name, purge_step=purge) as tracker:
         bar.update(completed=start)
         tick, tick_step = time.perf_counter(), start
         for step in range(start, total):
+            # ---------------------------------------------------------- One optimizer step
             loss_sum, norm = 0.0, None
             for k in range(cfg.grad_accum):
                 batch = loader.next()
-                if null is not None:
-                    batch = drop_labels(batch, cfg.label_dropout, null, rng.generator(cfg.seed, "labels", step, k, rank))
-                loss = engine(batch, rng.generator(cfg.seed, "loss", step, k, rank))
+                offset = batch.pop("__offset__")
+                if null is not None:  # noise follows the sample's place in the step, not the rank
+                    batch = drop_labels(batch, cfg.label_dropout, null,
+                                        rng.StepNoise((cfg.seed, "labels", step), cfg.global_batch, offset))
+                loss = engine(batch, rng.StepNoise((cfg.seed, "loss", step), cfg.global_batch, offset))
                 engine.backward(loss)
                 if k == cfg.grad_accum - 1:
                     norm = _grad_norm_before_step(engine)
@@ -117,9 +128,10 @@ def run_trainer(ctx: RunContext, cfg: TrainConfig, build: Callable[[], torch.nn.
                                 f"in {ckpt_dir}")
             if ema is not None and engine.was_step_applied():
                 ema.update()
+            # ---------------------------------------------------------- Report status
             if done % cfg.log_every == 0 or done == total:
                 mean = dist.all_reduce_sum(torch.tensor([loss_sum / cfg.grad_accum], dtype=torch.float64)).item() / world
-                bad = int(dist.all_reduce_sum(torch.tensor([loader.bad], dtype=torch.float64)).item())
+                bad = bad_total()
                 now = time.perf_counter()
                 speed = (done - tick_step) * cfg.global_batch / max(now - tick, 1e-9)
                 tick, tick_step = now, done
@@ -129,8 +141,10 @@ def run_trainer(ctx: RunContext, cfg: TrainConfig, build: Callable[[], torch.nn.
                            "images_per_s": round(speed, 1), "bad_records": bad}
                     with disk_errors(metrics), open(metrics, "a") as f:
                         f.write(json.dumps(row) + "\n")
+                    tracker.scalars("train", {k: row[k] for k in ("loss", "lr", "grad_norm", "images_per_s")}, done)
                 bar.update(completed=done, info=f"loss {mean:.5f}  lr {lr:.2e}  {speed:,.0f} img/s"
                                                  + (f"  bad {bad}" if bad else ""))
+            # ---------------------------------------------------------- Save snapshot
             if done in save_steps:
                 with ema.swapped_in() if ema is not None else contextlib.nullcontext():
                     state_dict = full_fp32_state_dict(engine)
@@ -139,9 +153,16 @@ def run_trainer(ctx: RunContext, cfg: TrainConfig, build: Callable[[], torch.nn.
                                     {"step": done, "sampler": tag, "weights": "ema" if ema else "model"})
             every = cfg.ckpt_every_images
             crossed = every > 0 and (done * cfg.global_batch) // every > (step * cfg.global_batch) // every
-            if done in save_steps or crossed:
+            saved = done in save_steps or crossed
+            if saved:
                 save_checkpoint(done)
-    bad = int(dist.all_reduce_sum(torch.tensor([loader.bad], dtype=torch.float64)).item())
+            # ---------------------------------------------------------- Stop on a signal (all ranks agree)
+            if done < total and stop.agreed():
+                if not saved:
+                    save_checkpoint(done)
+                raise stop.Stopped(stop.message(f"train {tag}", f"checkpoint at step {done} ({done * cfg.global_batch} "
+                                                                f"images) in {ckpt_dir}"))
+    bad = bad_total()
     if dist.is_main():
         write_json(out_dir / "done.json", {"steps": save_steps, "bad_records": bad})
     log(f"train {tag}: weights at steps {save_steps} -> {export(save_steps[-1]).parent}")

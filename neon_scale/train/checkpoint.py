@@ -6,6 +6,9 @@
     CKPT/step000250/trainer-rank*.json        step, data-stream positions, the name prefix of
                                               the model inside the engine (readers strip it)
 
+A checkpoint written by N ranks resumes on M ranks: with the same count DeepSpeed loads its own
+partitions; with another, train/reshard.py re-partitions them (the trainer state is global).
+
 A save writes the whole tag directory on every rank, waits for all of them, and only then
 replaces `latest` (rank 0, temp file + rename). A kill at any moment leaves `latest` naming a
 complete checkpoint; the partial directory is removed on resume. Only the newest `keep_last`
@@ -93,13 +96,20 @@ def resume(engine, ckpt_dir: pathlib.Path, ema=None) -> dict | None:
     if tag is None:
         return None
     tag_dir = ckpt_dir / tag
-    state_file = trainer_file(tag_dir, dist.rank())
+    state_file = trainer_file(tag_dir, 0)  # the step and the data position are global: rank 0's file says
     if not state_file.is_file():
-        raise NeonError(f"{state_file}: not found (checkpoint saved by another world size or version?)")
+        raise NeonError(f"{state_file}: not found (an incomplete checkpoint, or one of another version?)")
     state = read_json(state_file)
-    if state.get("world") != dist.world():
-        raise NeonError(f"{state_file}: saved by {state.get('world')} rank(s), this run has {dist.world()}; "
-                        f"exact resume needs the same number of ranks")
+    saved_world = state.get("world")
+    if not isinstance(saved_world, int) or saved_world < 1:
+        raise NeonError(f"{state_file}: 'world' = {saved_world!r} is not a number of ranks")
+    if saved_world != dist.world():
+        # Another world size (a requeued job on another node count): our ZeRO reader re-partitions
+        # parameters, optimizer state and the EMA for this world (train/reshard.py).
+        from .reshard import load_resharded
+
+        load_resharded(engine, tag_dir, ema, saved_world)
+        return state
     try:  # DeepSpeed reads the files through train/engine.AllowListedLoads (no pickle runs)
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     except NeonError:
