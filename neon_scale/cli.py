@@ -10,11 +10,10 @@ in a file we read is executed unless --trust-pickles (or the config's trust_pick
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 
-from .errors import NeonError, Stopped
+from .errors import DISK_FULL, NeonError, Stopped
 
 STAGE_HELP = {
     "run": "run every stage in order (finished stages are skipped)",
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug or an environment problem: still one line unless --debug
         if args.debug:
             raise
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write no writer of ours named
+        if isinstance(e, OSError) and e.errno in DISK_FULL:  # a write no writer of ours named
             _fail(f"{e.filename or 'writing output'}: no space left on device", 2)
         _fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", 1)
 

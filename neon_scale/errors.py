@@ -1,8 +1,18 @@
-"""The one exception type the CLI turns into a single line and a non-zero exit."""
+"""The one exception type the CLI turns into a single line and a non-zero exit, and the helpers
+that make such a line."""
+import errno
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errnos that mean "no space left" (disk or quota)
 
 
 class NeonError(Exception):
     """An error the user can fix: bad config, missing or corrupt file, inconsistent run dir."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty): a library's multi-line
+    error reduced to what fits in our one line."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def name_keys(keys: list[str]) -> str:

@@ -28,14 +28,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import NeonError, name_keys
+from .errors import DISK_FULL, NeonError, name_keys
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
 _STARTED = time.time()  # temp files older than this process belong to killed ones
-_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def file_mode(path: str | os.PathLike, directory: bool = False) -> None:
@@ -49,7 +48,7 @@ def disk_errors(path: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno not in _FULL:
+        if e.errno not in DISK_FULL:
             raise
         raise NeonError(f"{path}: no space left on device ({os.strerror(e.errno)}) while writing") from None
 

@@ -95,6 +95,7 @@ def dump(engine, ema, out: pathlib.Path, name: str) -> None:
 def main() -> None:
     from neon_scale import dist
     from neon_scale.io import read_json
+    from neon_scale import ckpt_files
     from neon_scale.train import checkpoint
     from neon_scale.train.reshard import load_resharded
 
@@ -136,7 +137,7 @@ def main() -> None:
             assert action == "load" and dist.world() != world, job
             engine, ema = build(stage, dtype, seed=1)  # other initial weights: all must come from the checkpoint
             tag_dir = out / "ckpt" / checkpoint.latest_tag(out / "ckpt")
-            saved_world = read_json(checkpoint.trainer_file(tag_dir, 0))["world"]
+            saved_world = read_json(ckpt_files.trainer_file(tag_dir, 0))["world"]
             load_resharded(engine, tag_dir, ema, saved_world)
             dump(engine, ema, out, "loaded")
             step(engine, ema, full)

@@ -212,7 +212,7 @@ def test_base_training_resumes_exactly(digits_run, tmp_path):
     after, and the re-run ends with the same theta_r, bit for bit."""
     import shutil
 
-    from neon_scale.train.checkpoint import tag_of
+    from neon_scale.ckpt_files import tag_of
 
     run_dir, _ = digits_run
     copy = tmp_path / "run"

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ckpt_files import LATEST, ema_file, read_latest, trainer_file
 from ..errors import NeonError
 from ..io import torch_load
 from .tensors import TensorMeta, TensorSource
@@ -81,17 +82,12 @@ def _optim_files(d: pathlib.Path) -> list[pathlib.Path]:
 
 def _tag_dir(path: pathlib.Path, tag: str | None) -> pathlib.Path:
     if tag is None:
-        latest = path / "latest"
-        if not latest.is_file():
+        tag = read_latest(path)
+        if tag is None:
             if _optim_files(path):  # handed the tag directory itself
                 return path
-            raise NeonError(f"{latest}: file not found (a DeepSpeed checkpoint directory names its tag there; or pass --tag)")
-        try:
-            tag = latest.read_text().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise NeonError(f"{latest}: cannot read ({e})") from None
-        if not tag:
-            raise NeonError(f"{latest}: empty, expected a checkpoint tag")
+            raise NeonError(f"{path / LATEST}: file not found (a DeepSpeed checkpoint directory names its tag there; "
+                            f"or pass --tag)")
     d = path / tag
     if not d.is_dir():
         raise NeonError(f"{d}: checkpoint tag directory not found")
@@ -222,8 +218,6 @@ class ZeroCheckpointSource(TensorSource):
         """The name prefix our trainer's loss wrapper adds (recorded in its per-rank state file)."""
         import json
 
-        from ..train.checkpoint import trainer_file
-
         path = trainer_file(d, 0)
         if not path.is_file():
             return ""
@@ -243,8 +237,6 @@ class ZeroCheckpointSource(TensorSource):
         files stay open and are read a slice at a time."""
         if self._ema is None:
             from safetensors import safe_open
-
-            from ..train.ema import ema_file
 
             ema = []
             for r, masters in enumerate(self._masters):

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import NeonError
+from ..errors import NeonError, first_line
 from ..io import load_into, torch_load
 
 MAR_SCALE = 0.2325
@@ -414,8 +414,7 @@ def load_sd_vae(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     except NeonError:
         raise
     except Exception as e:  # diffusers raises OSError/ValueError/RuntimeError/KeyError for bad files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise NeonError(f"{path}: cannot load the {what}: {first}") from None
+        raise NeonError(f"{path}: cannot load the {what}: {first_line(e)}") from None
     return SDVAE(net).to(device).eval().requires_grad_(False)
 
 

@@ -1,4 +1,5 @@
-"""Resumable training checkpoints: DeepSpeed's own format, plus per-rank files we add to the tag.
+"""Resumable training checkpoints: DeepSpeed's own format, plus per-rank files we add to the tag
+(their names: neon_scale/ckpt_files.py).
 
     CKPT/latest                       the tag of the newest complete checkpoint (as DeepSpeed's)
     CKPT/step000250/...               DeepSpeed's model and optimizer partitions
@@ -16,22 +17,13 @@ tags are kept.
 """
 from __future__ import annotations
 
-import errno
 import pathlib
-import re
 import shutil
 
 from .. import dist
-from ..errors import NeonError
+from ..ckpt_files import LATEST, MODULE_PREFIX, TAG_RE, read_latest, tag_of, trainer_file
+from ..errors import DISK_FULL, NeonError, first_line
 from ..io import read_json, write_json, write_text
-
-TAG_RE = re.compile(r"step(\d+)")
-MODULE_PREFIX = "model."  # the engine wraps the model as `.model` (train/engine.py LossModule)
-
-
-def tag_of(step: int) -> str:
-    return f"step{step:06d}"
-
 
 def _tags(ckpt_dir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
     if not ckpt_dir.is_dir():
@@ -40,24 +32,17 @@ def _tags(ckpt_dir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
 
 
 def latest_tag(ckpt_dir: pathlib.Path) -> str | None:
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    if not (ckpt_dir / tag).is_dir():
-        raise NeonError(f"{latest}: names '{tag}', which is not a directory of {ckpt_dir}")
+    tag = read_latest(ckpt_dir)
+    if tag is not None and not (ckpt_dir / tag).is_dir():
+        raise NeonError(f"{ckpt_dir / LATEST}: names '{tag}', which is not a directory of {ckpt_dir}")
     return tag
-
-
-def trainer_file(tag_dir: pathlib.Path, rank: int) -> pathlib.Path:
-    return tag_dir / f"trainer-rank{rank:05d}.json"
 
 
 def _save_failure(tag_dir: pathlib.Path, e: Exception) -> str:
     """One line for a DeepSpeed save that failed; a full disk said as such."""
     free = shutil.disk_usage(tag_dir.parent).free
-    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-    detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    full = isinstance(e, OSError) and e.errno in DISK_FULL
+    detail = first_line(e)
     if full or free < (1 << 20):
         return f"{tag_dir}: no space left on device while DeepSpeed saved the checkpoint ({free} bytes free)"
     return f"{tag_dir}: DeepSpeed could not save the checkpoint ({type(e).__name__}: {detail})"
@@ -115,7 +100,7 @@ def resume(engine, ckpt_dir: pathlib.Path, ema=None) -> dict | None:
     except NeonError:
         raise
     except Exception as e:  # noqa: BLE001  (a checkpoint that does not fit this engine: one line)
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        detail = first_line(e)
         raise NeonError(f"{tag_dir}: DeepSpeed could not load this checkpoint ({type(e).__name__}: {detail})") from None
     if path is None:
         raise NeonError(f"{tag_dir}: DeepSpeed could not load this checkpoint")

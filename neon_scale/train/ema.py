@@ -15,6 +15,7 @@ import pathlib
 import torch
 
 from .. import dist
+from ..ckpt_files import ema_file
 from ..errors import NeonError
 from ..io import load_state_dict, save_state_dict
 
@@ -32,10 +33,6 @@ def master_partitions(engine) -> list[torch.Tensor]:
         return [p.data for group in opt.param_groups for p in group["params"]]  # the fp32 weights themselves
     raise NeonError(f"train.ema_decay: no fp32 master weights found in {type(opt).__name__} "
                     f"(use ZeRO 1-3, or fp32/bf16 without ZeRO)")
-
-
-def ema_file(tag_dir: pathlib.Path, rank: int) -> pathlib.Path:
-    return tag_dir / f"ema-rank{rank:05d}.safetensors"
 
 
 class PartitionEMA:

@@ -26,7 +26,7 @@ import pathlib
 
 import torch
 
-from ..errors import NeonError
+from ..errors import NeonError, first_line
 from ..merge.zero import ZeroCheckpointSource
 
 
@@ -173,7 +173,7 @@ def load_resharded(engine, tag_dir: pathlib.Path, ema, saved_world: int) -> None
     except NeonError:
         raise
     except Exception as e:  # noqa: BLE001  (DeepSpeed's assertions and the like: one line, as resume does)
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        detail = first_line(e)
         raise NeonError(f"{tag_dir}: could not re-partition this checkpoint ({type(e).__name__}: {detail})") from None
 
 
