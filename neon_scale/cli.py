@@ -97,13 +97,10 @@ def _fail(msg: str, code: int) -> None:
     from .console import error
 
     error(msg)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Peers blocked in a collective are killed by the launcher when this rank exits.
-    os._exit(code)
+    _exit(code)
 
 
-def _fail_quietly(code: int) -> None:
+def _exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # peers blocked in a collective are killed by the launcher when this rank exits
@@ -170,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         from .console import notice
 
         notice(str(e))
-        _fail_quietly(e.exit_code)
+        _exit(e.exit_code)
     except NeonError as e:
         if args.debug:
             raise

@@ -78,8 +78,7 @@ class Split:
     """Which global positions micro-batch t of a rank holds (see the module docstring)."""
 
     def __init__(self, global_batch: int, grad_accum: int, rank: int, world: int):
-        if global_batch % (grad_accum * world):
-            raise NeonError(f"global batch {global_batch} is not divisible by {world} rank(s) x grad_accum {grad_accum}")
+        # global_batch = micro x grad_accum x world by construction (MicroBatchLoader)
         self.global_batch, self.grad_accum, self.rank = global_batch, grad_accum, rank
         self.micro = global_batch // (grad_accum * world)
 
@@ -127,8 +126,9 @@ class ShardStream(IterableDataset):
         order, _ = self.order.shards_of_epoch(epoch)
         at = order.index(shard)
         for lender in order[at + 1:] + order[:at]:  # a shard with no good record: the next one lends
-            if self._read(lender)[1]:
-                return lender, record % self._read(lender)[1], True
+            lent = self._read(lender)[1]
+            if lent:
+                return lender, record % lent, True
         raise NeonError(f"{self.set_dir}: no readable record in any shard")
 
     def micro_batch(self, t: int) -> tuple[dict[str, np.ndarray], int]:
