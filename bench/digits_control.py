@@ -20,7 +20,7 @@ from neon_scale.config import load_config
 from neon_scale.io import load_state_dict
 from neon_scale.merge.inplace import Extrapolator, module_slots
 from neon_scale.metrics.backbones import load_backbone
-from neon_scale.metrics.sample_eval import SampleMetric, evaluate
+from neon_scale.stages.evaluate import SampleMetric, evaluate
 from neon_scale.stages import metric as metric_stage
 from neon_scale.stages.common import RunContext
 from neon_scale.stages.train import run_trainer

@@ -4,7 +4,7 @@ paper's formula (Rajbhandari et al. 2020), and the training steps/s.
   DS_ACCELERATOR=cpu python bench/train.py [--stages 1 2 3] [--dtypes bf16 fp32] [--ranks 1 2]
 
 For every (ranks, stage, dtype) the toy2d_diffusion MLP (default hidden 1024, depth 8: 8.4M
-parameters, Psi) trains with the project's engine (neon_scale.train.engine.initialize, gloo on CPU)
+parameters, Psi) trains with the project's engine (neon_scale.train.deepspeed_engine.initialize, gloo on CPU)
 under `torch.distributed.run`, one launch per rank count; every rank reports its own bytes.
 Formula (bytes per rank, N ranks):
 
@@ -121,7 +121,7 @@ def busy_seconds() -> float:
 def run_case(spec, args, stage: int, dtype: str, world: int) -> dict:
     from neon_scale import dist
     from neon_scale.config import TrainConfig
-    from neon_scale.train.engine import initialize
+    from neon_scale.train.deepspeed_engine import initialize
 
     torch.manual_seed(0)
     model = spec.build(spec.parse_args({"hidden": args.hidden, "depth": args.depth}))
@@ -177,7 +177,7 @@ def run_case(spec, args, stage: int, dtype: str, world: int) -> dict:
 
 def worker(args) -> None:
     from neon_scale import dist
-    from neon_scale.models.registry import get_spec
+    from neon_scale.specs.registry import get_spec
 
     dist.init()
     spec, world = get_spec("toy2d_diffusion"), dist.world()

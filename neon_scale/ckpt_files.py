@@ -15,7 +15,7 @@ from .errors import NeonError
 
 LATEST = "latest"
 TAG_RE = re.compile(r"step(\d+)")
-MODULE_PREFIX = "model."  # the engine wraps the model as `.model` (train/engine.py LossModule); readers strip it
+MODULE_PREFIX = "model."  # the engine wraps the model as `.model` (train/deepspeed_engine.py LossModule); readers strip it
 
 
 def tag_of(step: int) -> str:

@@ -109,9 +109,11 @@ def _exit(code: int) -> None:
 def run_command(args: argparse.Namespace) -> None:
     from . import dist, io, pipeline, stop
     from .config import load_config
+    from .train.deepspeed_config import check_user_json
 
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     cfg = load_config(args.config, overrides)
+    check_user_json(cfg)  # a user's DeepSpeed JSON fails now, not at the train stage
     if cfg.trust_pickles:
         io.trust_pickles()
     stages = args.stage or ([args.command] if args.command != "run" else None)
@@ -148,11 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         trust_pickles()
     try:
         if args.command == "merge":
-            from .merge.engine import run_cli
+            from .merge.merge_files import run_cli
 
             run_cli(args)
         elif args.command == "consolidate":
-            from .checkpoint.consolidate import run_cli as consolidate_cli
+            from .merge.consolidate import run_cli as consolidate_cli
 
             consolidate_cli(args)
         elif args.command == "fid":

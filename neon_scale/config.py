@@ -4,118 +4,114 @@ Validation happens once, here, and every error is one line naming the file, the 
 value at fault. Ranges and choices live in field metadata (`min`, `max`, `choices`); every float
 must be finite (no key takes NaN or inf), and the sweep's grid is bounded (MAX_GRID points).
 Model- and sampler-specific settings (`model.args`, `synth.samplers`, `eval.sampler`) are
-validated against the dataclasses the model registers (see models/registry.py).
+validated against the dataclasses of the model's spec (specs/).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 import math
 import os
 import pathlib
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 
 from .errors import NeonError
-
-
-def _f(default, *, min=None, max=None, choices=None, help=""):
-    meta = {"min": min, "max": max, "choices": choices, "help": help}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
-    return field(default=default, metadata=meta)
+from .data.real import load_real
+from .fields import from_dict, setting
+from .specs.registry import get_spec
+from .tracking import WANDB_MISSING, wandb_available
 
 
 @dataclass
 class ModelConfig:
-    name: str = _f("toy2d_diffusion", help="registry name of the model")
-    args: dict = _f({}, help="constructor arguments, checked against the model's Args dataclass")
+    name: str = setting("toy2d_diffusion", help="registry name of the model")
+    args: dict = setting({}, help="constructor arguments, checked against the model's Args dataclass")
+    # `args` parsed into the spec's Args dataclass by validate(), once; a class attribute, so not a
+    # config key (to_dict, the saved config and the fingerprints do not see it)
+    parsed_args: ClassVar[Any] = None
 
 
 @dataclass
 class TrainConfig:
-    save_steps: list = _f([50, 250], help="optimizer steps at which theta_s is exported")
-    global_batch: int = _f(1000, min=1, help="samples per optimizer step, whatever the world size")
-    grad_accum: int = _f(1, min=1)
-    lr: float = _f(1e-5, min=0.0)
-    betas: list = _f([0.9, 0.999])
-    weight_decay: float = _f(0.0, min=0.0)
-    warmup_steps: int = _f(0, min=0)
-    grad_clip: float = _f(0.0, min=0.0, help="0 = off")
-    zero_stage: int = _f(2, min=0, max=3)
-    deepspeed_json: Optional[str] = _f(None, help="your own DeepSpeed JSON, validated and merged (its values win, "
+    save_steps: list = setting([50, 250], help="optimizer steps at which theta_s is exported")
+    global_batch: int = setting(1000, min=1, help="samples per optimizer step, whatever the world size")
+    grad_accum: int = setting(1, min=1)
+    lr: float = setting(1e-5, min=0.0)
+    betas: list = setting([0.9, 0.999])
+    weight_decay: float = setting(0.0, min=0.0)
+    warmup_steps: int = setting(0, min=0)
+    grad_clip: float = setting(0.0, min=0.0, help="0 = off")
+    zero_stage: int = setting(2, min=0, max=3)
+    deepspeed_json: Optional[str] = setting(None, help="your own DeepSpeed JSON, validated and merged (its values win, "
                                                   "batch sizes must agree)")
-    dtype: str = _f("fp32", choices=["fp32", "bf16", "fp16"])
-    activation_checkpointing: bool = _f(False, help="recompute activations in backward (the model's hook)")
-    label_dropout: float = _f(0.0, min=0.0, max=1.0, help="replace class labels by the null class with this "
+    dtype: str = setting("fp32", choices=["fp32", "bf16", "fp16"])
+    activation_checkpointing: bool = setting(False, help="recompute activations in backward (the model's hook)")
+    label_dropout: float = setting(0.0, min=0.0, max=1.0, help="replace class labels by the null class with this "
                                                              "probability (class-conditional models, for CFG)")
-    ema_decay: float = _f(0.0, min=0.0, help="EMA of the fine-tuned weights, kept per rank on its partition; "
+    ema_decay: float = setting(0.0, min=0.0, help="EMA of the fine-tuned weights, kept per rank on its partition; "
                                              "0 = off. When on, theta_s is the EMA (the authors: 0.9999)")
-    workers: int = _f(0, min=0, help="DataLoader workers per rank reading the shards (the data order depends on it)")
-    skip_bad: bool = _f(False, help="skip and count bad records instead of stopping at a corrupt shard")
-    ckpt_every_images: int = _f(0, min=0, help="DeepSpeed checkpoint for resume every N images seen (global "
+    workers: int = setting(0, min=0, help="DataLoader workers per rank reading the shards (the data order depends on it)")
+    skip_bad: bool = setting(False, help="skip and count bad records instead of stopping at a corrupt shard")
+    ckpt_every_images: int = setting(0, min=0, help="DeepSpeed checkpoint for resume every N images seen (global "
                                                "count); checkpoints are also written at save_steps and at the end")
-    keep_last: int = _f(2, min=1, help="DeepSpeed checkpoints kept (the newest)")
-    log_every: int = _f(10, min=1)
-    seed: int = _f(2)
+    keep_last: int = setting(2, min=1, help="DeepSpeed checkpoints kept (the newest)")
+    log_every: int = setting(10, min=1)
+    seed: int = setting(2)
 
 
 @dataclass
 class DataConfig:
-    source: Optional[str] = _f(None, help="real labelled images: a built-in name (digits), a folder of class "
+    source: Optional[str] = setting(None, help="real labelled images: a built-in name (digits), a folder of class "
                                           "sub-folders, or webdataset shards (.png + .cls); trains the base of "
                                           "image models and gives the metric its reference")
-    holdout: float = _f(0.2, min=0.0, max=0.9, help="fraction of each class held out (fixed split)")
-    seed: int = _f(0, help="seed of the held-out split")
+    holdout: float = setting(0.2, min=0.0, max=0.9, help="fraction of each class held out (fixed split)")
+    seed: int = setting(0, help="seed of the held-out split")
 
 
 @dataclass
 class BaseConfig:
-    weights: Optional[str] = _f(None, help="pretrained weights; None trains the base from the model's real data")
-    n_real: int = _f(1000, min=1, help="toys: real samples for training the base from scratch")
-    steps: int = _f(10000, min=1, help="toys: optimizer steps for the base")
-    lr: float = _f(1e-4, min=0.0, help="toys: learning rate of the base")
-    batch_size: int = _f(0, min=0, help="toys: 0 = full batch")
-    train: Optional[TrainConfig] = _f(None, help="image models from scratch on data.source: the DeepSpeed trainer's "
+    weights: Optional[str] = setting(None, help="pretrained weights; None trains the base from the model's real data")
+    n_real: int = setting(1000, min=1, help="toys: real samples for training the base from scratch")
+    steps: int = setting(10000, min=1, help="toys: optimizer steps for the base")
+    lr: float = setting(1e-4, min=0.0, help="toys: learning rate of the base")
+    batch_size: int = setting(0, min=0, help="toys: 0 = full batch")
+    train: Optional[TrainConfig] = setting(None, help="image models from scratch on data.source: the DeepSpeed trainer's "
                                                   "settings (as the train section; the last save step is theta_r)")
-    seed: int = _f(0)
-    weights_key: Optional[str] = _f(None, help="entry of a training checkpoint holding the weights; None: 'ema' "
+    seed: int = setting(0)
+    weights_key: Optional[str] = setting(None, help="entry of a training checkpoint holding the weights; None: 'ema' "
                                                "if present, else 'model_ema', 'model', 'state_dict', 'module'")
-    random_init: bool = _f(False, help="no weights: the model's own random initialisation (seed base.seed); "
+    random_init: bool = setting(False, help="no weights: the model's own random initialisation (seed base.seed); "
                                        "smoke tests and tiny configs")
 
 
 @dataclass
 class SynthConfig:
-    n: int = _f(1000, min=1, help="synthetic samples per sampler setting")
-    samplers: list = _f([{}], help="one dict of sampler settings per synthetic set")
-    shard_size: int = _f(1000, min=1, help="samples per webdataset shard")
-    batch_size: int = _f(100000, min=1, help="samples drawn per sampler call")
-    seed: int = _f(1)
-    save_images: bool = _f(False, help="image models: also write the decoded images (.png) beside the latents")
+    n: int = setting(1000, min=1, help="synthetic samples per sampler setting")
+    samplers: list = setting([{}], help="one dict of sampler settings per synthetic set")
+    shard_size: int = setting(1000, min=1, help="samples per webdataset shard")
+    batch_size: int = setting(100000, min=1, help="samples drawn per sampler call")
+    seed: int = setting(1)
+    save_images: bool = setting(False, help="image models: also write the decoded images (.png) beside the latents")
 
 
 @dataclass
 class EvalConfig:
-    n: int = _f(100000, min=2, help="samples per evaluated point (a covariance needs at least 2)")
-    sampler: dict = _f({}, help="sampler settings used to evaluate every merged model")
-    chunk: int = _f(25000, min=1, help="samples per noise chunk (chunk i always gets the same noise)")
-    seed: int = _f(1234)
-    inception_weights: Optional[str] = _f(None, help="image models: torch-fidelity's InceptionV3 weights (local)")
-    ref_stats: Optional[str] = _f(None, help="image models: reference statistics .npz (mu, sigma)")
-    batch_size: int = _f(64, min=1, help="image models: feature-backbone batch size")
-    features: str = _f("inception", choices=["inception", "dinov2", "classifier"],
+    n: int = setting(100000, min=2, help="samples per evaluated point (a covariance needs at least 2)")
+    sampler: dict = setting({}, help="sampler settings used to evaluate every merged model")
+    chunk: int = setting(25000, min=1, help="samples per noise chunk (chunk i always gets the same noise)")
+    seed: int = setting(1234)
+    inception_weights: Optional[str] = setting(None, help="image models: torch-fidelity's InceptionV3 weights (local)")
+    ref_stats: Optional[str] = setting(None, help="image models: reference statistics .npz (mu, sigma)")
+    batch_size: int = setting(64, min=1, help="image models: feature-backbone batch size")
+    features: str = setting("inception", choices=["inception", "dinov2", "classifier"],
                        help="image models: feature backbone of the Frechet distance (FID, FD_DINOv2, FD of a "
                             "classifier trained on data.source)")
-    dinov2_weights: Optional[str] = _f(None, help="features=dinov2: dinov2_vitl14_pretrain.pth (local)")
-    classifier_weights: Optional[str] = _f(None, help="features=classifier: a saved classifier; None: trained on "
+    dinov2_weights: Optional[str] = setting(None, help="features=dinov2: dinov2_vitl14_pretrain.pth (local)")
+    classifier_weights: Optional[str] = setting(None, help="features=classifier: a saved classifier; None: trained on "
                                                       "data.source's training split once per run")
-    ref_split: str = _f("train", choices=["train", "holdout", "all"],
+    ref_split: str = setting("train", choices=["train", "holdout", "all"],
                         help="without eval.ref_stats: the data.source images the reference statistics come from")
 
 
@@ -124,17 +120,17 @@ MAX_GRID = 10_000  # points of sweep.w_grid and of sweep.guidance: beyond it a c
 
 @dataclass
 class SweepConfig:
-    mode: str = _f("early_stop", choices=["early_stop", "grid"])
-    w_min: float = _f(-2.0)
-    w_max: float = _f(2.0)
-    w_step: float = _f(0.25)
-    guidance_key: Optional[str] = _f(None, help="eval-sampler key swept in the inner loop (e.g. cfg)")
-    guidance: list = _f([], help="inner-loop values for guidance_key")
-    tol: float = _f(0.02, min=0.0, help="early-stop tolerance on the metric")
-    refine_w: float = _f(0.1, min=0.0, help="half-width of the refine grid in w (0 = no refine)")
-    refine_guidance: float = _f(0.1, min=0.0)
-    final_n: Optional[int] = _f(None, min=2, help="re-evaluate each best point with this many samples")
-    repeats: int = _f(0, min=0, help="re-evaluate w = 0 and the best w (each at its best guidance) with this many "
+    mode: str = setting("early_stop", choices=["early_stop", "grid"])
+    w_min: float = setting(-2.0)
+    w_max: float = setting(2.0)
+    w_step: float = setting(0.25)
+    guidance_key: Optional[str] = setting(None, help="eval-sampler key swept in the inner loop (e.g. cfg)")
+    guidance: list = setting([], help="inner-loop values for guidance_key")
+    tol: float = setting(0.02, min=0.0, help="early-stop tolerance on the metric")
+    refine_w: float = setting(0.1, min=0.0, help="half-width of the refine grid in w (0 = no refine)")
+    refine_guidance: float = setting(0.1, min=0.0)
+    final_n: Optional[int] = setting(None, min=2, help="re-evaluate each best point with this many samples")
+    repeats: int = setting(0, min=0, help="re-evaluate w = 0 and the best w (each at its best guidance) with this many "
                                      "fresh evaluation seeds: mean and standard error of both and of the difference")
 
     def w_grid(self) -> list[float]:
@@ -154,20 +150,20 @@ STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT", 
 @dataclass
 class RunConfig:
     """How the run behaves on a cluster; nothing here changes what a stage produces."""
-    stop_signals: list = _f(["SIGTERM", "SIGUSR1"], help="signals that stop the run resumably: every rank agrees, "
+    stop_signals: list = setting(["SIGTERM", "SIGUSR1"], help="signals that stop the run resumably: every rank agrees, "
                                                         "the stage saves what it has, exit status 3 (Slurm sends "
                                                         "SIGTERM at the time limit; neon.sbatch asks for SIGUSR1 "
                                                         "ahead of it); [] = die as usual")
-    tensorboard: bool = _f(True, help="TensorBoard event files in <run>/tb/ (rank 0): training curves, sweep curves")
-    wandb: bool = _f(False, help="also log to Weights & Biases (the wandb package must be installed)")
-    wandb_project: str = _f("neon", help="W&B project")
-    wandb_mode: str = _f("offline", choices=["offline", "online"], help="offline needs no network (wandb sync later)")
+    tensorboard: bool = setting(True, help="TensorBoard event files in <run>/tb/ (rank 0): training curves, sweep curves")
+    wandb: bool = setting(False, help="also log to Weights & Biases (the wandb package must be installed)")
+    wandb_project: str = setting("neon", help="W&B project")
+    wandb_mode: str = setting("offline", choices=["offline", "online"], help="offline needs no network (wandb sync later)")
 
 
 @dataclass
 class Config:
-    name: str = _f("", help="run name; default: the config file's stem")
-    run_dir: str = _f("", help="default: runs/<name>")
+    name: str = setting("", help="run name; default: the config file's stem")
+    run_dir: str = setting("", help="default: runs/<name>")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
@@ -176,7 +172,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    trust_pickles: bool = _f(False, help="let torch.load unpickle any class in files we read (checkpoints on resume "
+    trust_pickles: bool = setting(False, help="let torch.load unpickle any class in files we read (checkpoints on resume "
                                          "included); only for files you made yourself")
 
     def to_dict(self) -> dict:
@@ -184,86 +180,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------- loading
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check_value(value, tp, key: str, where: str):
-    """Return `value` converted to `tp`, or raise one line naming key and value."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _check_value(value, args[0], key, where)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise NeonError(f"{where}: '{key}' must be a mapping, got {value!r}")
-        return from_dict(tp, value, where, prefix=key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is list or origin is list:
-        if isinstance(value, list):
-            return value
-    elif tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-    else:
-        return value
-    raise NeonError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r}")
-
-
-def _check_range(value, meta, key: str, where: str):
-    if value is None:
-        return
-    if meta.get("choices") and value not in meta["choices"]:
-        raise NeonError(f"{where}: '{key}' = {value!r} is not one of {meta['choices']}")
-    if meta.get("min") is not None and value < meta["min"]:
-        raise NeonError(f"{where}: '{key}' = {value!r} is below the minimum {meta['min']}")
-    if meta.get("max") is not None and value > meta["max"]:
-        raise NeonError(f"{where}: '{key}' = {value!r} is above the maximum {meta['max']}")
-
-
-def unknown_key_error(key: str, valid: list[str], where: str, prefix: str) -> NeonError:
-    full = f"{prefix}.{key}" if prefix else key
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
-    hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
-    return NeonError(f"{where}: unknown key '{full}'{hint}")
-
-
-def from_dict(cls, data: dict, where: str, prefix: str = ""):
-    """Build dataclass `cls` from a plain dict, validating keys, types and ranges."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            raise unknown_key_error(str(key), list(fields), where, prefix)
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        value = _check_value(value, hints[name], key, where)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise NeonError(f"{where}: '{key}' = {value!r} is not a finite number")
-        _check_range(value, fields[name].metadata, key, where)
-        kwargs[name] = value
-    return cls(**kwargs)
-
 
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one `a.b.c=value` (value parsed as YAML) to the raw config dict."""
@@ -313,26 +229,21 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 
 
 def validate(cfg: Config, where: str) -> None:
-    """Cross-field checks and model-specific sections (via the model registry)."""
-    from .models.registry import get_spec
-
+    """Cross-field checks and model-specific sections (via the model registry); `model.args` is
+    parsed here, once, into the spec's Args (cfg.model.parsed_args)."""
     spec = get_spec(cfg.model.name, where)
     for name in cfg.run.stop_signals:
         if name not in STOP_SIGNALS:
             raise NeonError(f"{where}: 'run.stop_signals' has {name!r}; choose from {', '.join(STOP_SIGNALS)}")
     if cfg.run.wandb:  # now, not when the first tracker opens after the base stage
-        from .tracking import WANDB_MISSING, wandb_available
-
         if not wandb_available():
             raise NeonError(f"{where}: {WANDB_MISSING}")
     if cfg.data.source is not None:
-        from .data.real import load_real
-
         if not spec.makes_images:
             raise NeonError(f"{where}: 'data.source' is set but model {cfg.model.name!r} is not an image model")
         real = load_real(cfg.data.source)
         cfg.model.args = spec.fit_data(dict(cfg.model.args), real.shape, real.num_classes, where)
-    model_args = spec.parse_args(cfg.model.args, where, "model.args")
+    model_args = cfg.model.parsed_args = spec.parse_args(cfg.model.args, where, "model.args")
     spec.validate(model_args, where)
     if not cfg.synth.samplers:
         raise NeonError(f"{where}: 'synth.samplers' is empty: give at least one sampler setting")
@@ -391,10 +302,6 @@ def _validate_trainer(t: TrainConfig, prefix: str, spec, model_args, model_name:
     if t.label_dropout > 0 and spec.null_class(model_args) is None:
         raise NeonError(f"{where}: '{prefix}.label_dropout' = {t.label_dropout} but model {model_name!r} "
                         f"is not class-conditional")
-    if t.deepspeed_json:  # fail before any stage runs, not at the train stage
-        from .train.engine import load_user_json
-
-        load_user_json(t.deepspeed_json)
 
 
 _BACKBONE_WEIGHTS = {"inception": "inception_weights", "dinov2": "dinov2_weights", "classifier": "classifier_weights"}

@@ -15,10 +15,10 @@ def main() -> None:
     from neon_scale import dist
     from neon_scale.config import TrainConfig
     from neon_scale.io import save_state_dict
-    from neon_scale.models.registry import get_spec
-    from neon_scale.train import checkpoint
+    from neon_scale.specs.registry import get_spec
+    from neon_scale.train import train_state as checkpoint
     from neon_scale.train.ema import PartitionEMA
-    from neon_scale.train.engine import full_fp32_state_dict, initialize
+    from neon_scale.train.deepspeed_engine import full_fp32_state_dict, initialize
 
     out_dir, ckpt, stage, dtype = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     decay = 0.8

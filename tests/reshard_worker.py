@@ -31,9 +31,9 @@ def case_name(stage: int, dtype: str, world: int) -> str:
 def build(stage: int, dtype: str, seed: int, hidden: int = 7):
     from neon_scale import dist
     from neon_scale.config import TrainConfig
-    from neon_scale.models.registry import get_spec
+    from neon_scale.specs.registry import get_spec
     from neon_scale.train.ema import PartitionEMA
-    from neon_scale.train.engine import initialize
+    from neon_scale.train.deepspeed_engine import initialize
 
     spec = get_spec("toy2d_ar")  # a loss without sampling: the same full batch gives the same step on any world
     torch.manual_seed(seed)
@@ -96,7 +96,7 @@ def main() -> None:
     from neon_scale import dist
     from neon_scale.io import read_json
     from neon_scale import ckpt_files
-    from neon_scale.train import checkpoint
+    from neon_scale.train import train_state as checkpoint
     from neon_scale.train.reshard import load_resharded
 
     root = pathlib.Path(sys.argv[1])

@@ -39,7 +39,7 @@ def test_debug_shows_the_traceback(run_dir):
 
 
 def test_weights_file_with_a_missing_key(run_dir, tmp_path):
-    from neon_scale.models.registry import get_spec
+    from neon_scale.specs.registry import get_spec
 
     spec = get_spec("toy2d_diffusion")
     state = spec.build(spec.parse_args({})).state_dict()

@@ -1,12 +1,15 @@
-"""A user's DeepSpeed JSON: validated with the config (one line naming file and key), then
+"""A user's DeepSpeed JSON: checked right after the config is loaded, before any stage (one line
+naming file and key; loading the config itself never imports DeepSpeed), then
 merged into the engine config (its values win; batch sizes must agree)."""
 import json
+import subprocess
+import sys
 
 import pytest
 
 from neon_scale.config import load_config
 from neon_scale.errors import NeonError
-from neon_scale.train.engine import deepspeed_config
+from neon_scale.train.deepspeed_config import check_user_json, deepspeed_config
 
 from .conftest import TOY, neon, small_overrides
 from .test_cli import assert_one_line_error
@@ -34,7 +37,15 @@ def test_user_json_is_merged_and_its_values_win(tmp_path):
 def test_unknown_keys_fail_with_the_config(tmp_path, user, message):
     path = _write(tmp_path, user)
     with pytest.raises(NeonError, match=rf"{path}: {message}"):
-        load_config(str(TOY), [f"train.deepspeed_json={path}"])
+        check_user_json(load_config(str(TOY), [f"train.deepspeed_json={path}"]))
+
+
+def test_loading_a_config_never_imports_deepspeed(tmp_path):
+    path = _write(tmp_path, {"zero_optimization": {"stage": 2}})
+    code = (f"import sys; from neon_scale.config import load_config; load_config({str(TOY)!r}, "
+            f"['train.deepspeed_json={path}']); print('deepspeed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_batch_size_must_agree_with_the_config(tmp_path):

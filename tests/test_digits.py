@@ -234,7 +234,7 @@ def test_pixel_dit_samples_and_trains_with_cfg(learn_sigma, method):
     """Pixel space as latent DiT: the diffusion loss (MSE, + VLB with learned variance) on real
     images in [-1, 1], and DDPM/DDIM with CFG on both sides of 1, giving images of the data's shape."""
     from neon_scale import rng
-    from neon_scale.models.registry import get_spec
+    from neon_scale.specs.registry import get_spec
 
     spec = get_spec("dit")
     raw = spec.fit_data({"arch": "S/2", "depth": 1, "hidden_size": 32, "num_heads": 2, "vae": "none",

@@ -13,8 +13,8 @@ from torch_fidelity.utils import get_featuresdict_from_dataset
 from neon_scale import rng
 from neon_scale.metrics.backbones import load_backbone
 from neon_scale.metrics.fid import read_stats, write_stats
-from neon_scale.metrics.sample_eval import SampleMetric, evaluate
-from neon_scale.models.registry import ModelSpec
+from neon_scale.stages.evaluate import SampleMetric, evaluate
+from neon_scale.specs.base import ModelSpec
 
 from .conftest import UInt8Images
 
@@ -34,6 +34,12 @@ class _Upsampler(torch.nn.Module):
 class _TinyImageSpec(ModelSpec):
     name = "tiny-images-test"
     makes_images = True
+
+    def build(self, args):
+        return _Upsampler()
+
+    def loss(self, model, batch, gen):
+        raise AssertionError("an evaluation never trains")
 
     def sample(self, model, n, gen, sampler, start=0):
         return {"image": model(torch.rand(n, 3, 6, 6, generator=gen))}

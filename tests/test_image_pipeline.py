@@ -12,7 +12,7 @@ import torch
 
 from neon_scale.data.shards import read_shards, write_shard
 from neon_scale.io import load_into, load_state_dict
-from neon_scale.models.registry import get_spec
+from neon_scale.specs.registry import get_spec
 
 from .conftest import LAUNCHER, ROOT, neon, torchrun
 from .test_cli import assert_one_line_error

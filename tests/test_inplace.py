@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from neon_scale.merge.engine import merge_checkpoints
+from neon_scale.merge.merge_files import merge_checkpoints
 from neon_scale.merge.extrapolate import extrapolate_state
 from neon_scale.merge.inplace import Extrapolator, apply_delta, delta_of, module_slots
 from neon_scale.merge.tensors import open_source

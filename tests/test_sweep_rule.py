@@ -1,7 +1,7 @@
 """The selection rule (early stop + refine) on functions with known minima."""
 import pytest
 
-from neon_scale.sweep import search
+from neon_scale.selection import search
 
 GRID = [round(-2 + 0.25 * i, 6) for i in range(17)]
 

@@ -1,7 +1,7 @@
 """Trainer parts on their own: label dropout for CFG and the activation-checkpointing hook."""
 import torch
 
-from neon_scale.models.registry import get_spec
+from neon_scale.specs.registry import get_spec
 from neon_scale.stages.train import drop_labels
 
 

@@ -17,13 +17,14 @@ the variance interpolation v), else [N, C, H, W].
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .layers import TimestepEmbedder
 
 # name -> (depth, hidden_size, num_heads); the patch size is the suffix: "XL/2", "B/4", ...
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -40,17 +41,6 @@ def dit_config(name: str) -> dict:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """[..., dim] = [cos(t f_i), sin(t f_i)] with f_i = max_period^(-i / (dim/2)), float32 (GLIDE's
-    embedding, shared by DiT and xAR). The frequencies are computed on the CPU and moved, as both
-    official implementations do."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
-    angles = t[..., None].float() * freqs
-    out = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-    return F.pad(out, (0, 1)) if dim % 2 else out
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
@@ -74,18 +64,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # [N, T, D]
-
-
-class TimestepEmbedder(nn.Module):
-    """sinusoid(freq_dim) -> Linear -> SiLU -> Linear, as `t_embedder` (DiT) and `time_embed` (xAR)."""
-
-    def __init__(self, dim: int, freq_dim: int = 256):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

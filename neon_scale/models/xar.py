@@ -34,8 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import rng
 from ..errors import NeonError
-from .dit import TimestepEmbedder
-from .latent import check_labels
+from .layers import TimestepEmbedder, check_labels
 
 LATENT_SCALE = 0.2325  # VAE latents are multiplied by this before the model sees them
 

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import NeonError
 from ..kernels.cfg_step import em_step
-from .latent import check_labels
+from .layers import check_labels
 from .xar import XAR
 
 

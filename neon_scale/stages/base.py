@@ -29,7 +29,7 @@ def train_from_scratch(ctx: RunContext) -> dict[str, torch.Tensor] | None:
     rank first (a rerun trains it again from scratch, to the same weights)."""
     cfg, spec = ctx.cfg.base, ctx.spec
     torch.manual_seed(rng.seed_of(cfg.seed, "init"))
-    model = spec.build(spec.parse_args(ctx.cfg.model.args))
+    model = spec.build(ctx.model_args())
     data = spec.real_data(cfg.n_real, rng.generator(cfg.seed, "real"))
     gen = rng.generator(cfg.seed, "loss")
     batch_gen = rng.generator(cfg.seed, "batches")

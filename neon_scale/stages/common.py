@@ -19,7 +19,8 @@ from .. import dist
 from ..config import Config
 from ..console import log
 from ..io import load_into, load_state_dict, read_json, write_json, write_text
-from ..models.registry import ModelSpec, get_spec
+from ..specs.base import ModelSpec
+from ..specs.registry import get_spec
 
 # Settings that change how a stage runs but not what it produces. (Sampling batch sizes and eval
 # chunks are not among them: they decide which random numbers each sample gets.)
@@ -74,7 +75,8 @@ class RunContext:
         raise KeyError(stage)
 
     def model_args(self):
-        return self.spec.parse_args(self.cfg.model.args)
+        """The spec's typed Args, parsed once when the config was loaded."""
+        return self.cfg.model.parsed_args
 
     def load_model(self, weights: pathlib.Path) -> torch.nn.Module:
         """The configured model with `weights` loaded strictly, in eval mode, on this rank's

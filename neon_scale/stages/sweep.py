@@ -30,8 +30,8 @@ from .. import dist, rng
 from ..console import console, log, progress
 from ..io import atomic_path, load_state_dict, write_json, write_text
 from ..merge.inplace import Extrapolator, module_slots
-from ..metrics.sample_eval import SampleMetric, evaluate
-from ..sweep import search
+from .evaluate import SampleMetric, evaluate
+from ..selection import search
 from ..tracking import Tracker, open_tracker
 from . import metric as metric_stage
 from .common import RunContext, StageDir, sampler_tag

@@ -2,7 +2,7 @@
 
 Data streams from the synth shards (data/stream.py). theta_s (fp32: the EMA when
 `train.ema_decay` > 0, else the master weights) is exported as safetensors at every
-`train.save_steps`. DeepSpeed checkpoints (train/checkpoint.py) every `train.ckpt_every_images`
+`train.save_steps`. DeepSpeed checkpoints (train/train_state.py) every `train.ckpt_every_images`
 images, at each save step and at the end make a killed run resume exactly: the data-stream
 positions, the EMA and the optimizer are restored, and the loss noise is a function of (seed,
 step, rank), not of history.
@@ -24,9 +24,10 @@ from ..data.stream import MicroBatchLoader
 from ..config import TrainConfig
 from ..errors import NeonError
 from ..io import disk_errors, save_state_dict, write_json, write_text
-from ..train import checkpoint
+from ..train import train_state
 from ..train.ema import PartitionEMA
-from ..train.engine import full_fp32_state_dict, initialize, micro_batch_size
+from ..train.deepspeed_config import micro_batch_size
+from ..train.deepspeed_engine import full_fp32_state_dict, initialize
 from ..tracking import open_tracker
 from .common import RunContext, StageDir, sampler_tag
 
@@ -76,10 +77,10 @@ def run_trainer(ctx: RunContext, cfg: TrainConfig, build: Callable[[], torch.nn.
     model = build()
     if cfg.activation_checkpointing:
         ctx.spec.enable_activation_checkpointing(model)
-    null = ctx.spec.null_class(ctx.spec.parse_args(ctx.cfg.model.args)) if cfg.label_dropout > 0 else None
+    null = ctx.spec.null_class(ctx.model_args()) if cfg.label_dropout > 0 else None
     engine = initialize(ctx.spec, model, cfg, world)
     ema = PartitionEMA(engine, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    state = checkpoint.resume(engine, ckpt_dir, ema) or {}
+    state = train_state.resume(engine, ckpt_dir, ema) or {}
     start = int(state.get("step", 0))
     if start:
         how = "" if state.get("world", world) == world else f", re-partitioned from {state['world']} to {world} rank(s)"
@@ -95,7 +96,7 @@ def run_trainer(ctx: RunContext, cfg: TrainConfig, build: Callable[[], torch.nn.
         return int(dist.all_reduce_sum(torch.tensor([loader.bad], dtype=torch.float64)).item())
 
     def save_checkpoint(step: int) -> None:
-        checkpoint.save(engine, ckpt_dir, step, {"loader": loader.state(bad_total())}, ema, cfg.keep_last)
+        train_state.save(engine, ckpt_dir, step, {"loader": loader.state(bad_total())}, ema, cfg.keep_last)
 
     name = str(out_dir.relative_to(ctx.run_dir)) if out_dir.is_relative_to(ctx.run_dir) else tag
     purge = start + 1 if start else None  # TensorBoard then hides what a stopped run logged after its checkpoint

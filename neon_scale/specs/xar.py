@@ -13,38 +13,37 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import _f
+from ..fields import setting
 from ..errors import NeonError
-from .latent import LatentImageSpec, balanced_labels
-from .registry import register
-from .xar import XAR, XAR_SIZES, xar_config
-from .xar_sampler import sample_xar
+from ..models.layers import balanced_labels
+from .latent import LatentImageSpec
+from ..models.xar import XAR, XAR_SIZES, flow_loss, xar_config
+from ..models.xar_sampler import sample_xar
 
 VAE_STRIDE = 16
 
 
 @dataclass
 class XARArgs:
-    size: str = _f("B", choices=sorted(XAR_SIZES), help="official variant; embed_dim/depth/num_heads override it")
-    img_size: int = _f(256, min=16, help="pixels; the token grid is img_size / 16")
-    num_classes: int = _f(1000, min=1, help="class labels 0..num_classes-1; num_classes is the null class")
-    label_drop_prob: float = _f(0.1, min=0.0, max=1.0, help="label dropout inside the official loss")
-    attn_dropout: float = _f(0.1, min=0.0, max=1.0)
-    proj_dropout: float = _f(0.1, min=0.0, max=1.0)
-    embed_dim: int = _f(0, min=0, help="encoder and decoder width; 0 = the size's")
-    depth: int = _f(0, min=0, help="encoder and decoder blocks each; 0 = the size's")
-    num_heads: int = _f(0, min=0, help="0 = the size's")
-    vae: str = _f("", help="local MAR KL-16 VAE (kl16.ckpt), or 'random' (tests)")
-    vae_seed: int = _f(0, help="seed of the random VAE")
+    size: str = setting("B", choices=sorted(XAR_SIZES), help="official variant; embed_dim/depth/num_heads override it")
+    img_size: int = setting(256, min=16, help="pixels; the token grid is img_size / 16")
+    num_classes: int = setting(1000, min=1, help="class labels 0..num_classes-1; num_classes is the null class")
+    label_drop_prob: float = setting(0.1, min=0.0, max=1.0, help="label dropout inside the official loss")
+    attn_dropout: float = setting(0.1, min=0.0, max=1.0)
+    proj_dropout: float = setting(0.1, min=0.0, max=1.0)
+    embed_dim: int = setting(0, min=0, help="encoder and decoder width; 0 = the size's")
+    depth: int = setting(0, min=0, help="encoder and decoder blocks each; 0 = the size's")
+    num_heads: int = setting(0, min=0, help="0 = the size's")
+    vae: str = setting("", help="local MAR KL-16 VAE (kl16.ckpt), or 'random' (tests)")
+    vae_seed: int = setting(0, help="seed of the random VAE")
 
 
 @dataclass
 class XARSampler:
-    num_steps: int = _f(50, min=1, help="Euler-Maruyama steps per cell (the last one is the mean step)")
-    cfg: float = _f(2.3, min=0.0, help="guidance of the last cell; cell k of 4 gets 1 + (cfg - 1) k / 3")
+    num_steps: int = setting(50, min=1, help="Euler-Maruyama steps per cell (the last one is the mean step)")
+    cfg: float = setting(2.3, min=0.0, help="guidance of the last cell; cell k of 4 gets 1 + (cfg - 1) k / 3")
 
 
-@register
 class XARSpec(LatentImageSpec):
     name = "xar"
     Args = XARArgs
@@ -76,8 +75,6 @@ class XARSpec(LatentImageSpec):
         return XAR(**self.constructor_args(args))
 
     def loss(self, model: XAR, batch, gen):
-        from .xar import flow_loss
-
         latents, labels = self.batch(model, batch, model.num_classes)
         return flow_loss(model, latents, labels, gen)
 

@@ -1,32 +1,9 @@
-"""DeepSpeed engine for fine-tuning: our TrainConfig -> a DeepSpeed config -> `initialize`.
-
-The engine wraps `LossModule`, so `engine(batch, gen)` is the model's training loss; the fp32
-master weights (whatever the ZeRO stage and dtype) are exported with DeepSpeed's public
-`safe_get_full_fp32_param`. DeepSpeed's checkpoint engine unpickles whatever a checkpoint holds
-(`torch.load(weights_only=False)`) when a run resumes; ours reads through `io.torch_load` and its
-allow-list instead, so a pickle planted in a checkpoint folder is refused, not run.
-"""
+"""The DeepSpeed JSON of a fine-tuning run: our TrainConfig -> DeepSpeed's config dict, and the
+check of a user's own JSON (`train.deepspeed_json`), one line naming the file and key."""
 from __future__ import annotations
 
-import logging
-
-import torch
-from torch import nn
-
-from ..config import TrainConfig
+from ..config import Config, TrainConfig
 from ..errors import NeonError
-from ..io import torch_load
-from ..models.registry import ModelSpec
-
-
-class LossModule(nn.Module):
-    def __init__(self, spec: ModelSpec, model: nn.Module):
-        super().__init__()
-        self.spec = spec
-        self.model = model
-
-    def forward(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
-        return self.spec.loss(self.model, batch, gen)
 
 
 def micro_batch_size(cfg: TrainConfig, world: int) -> int:
@@ -126,45 +103,8 @@ def _deep_merge(ours: dict, theirs: dict) -> dict:
     return out
 
 
-class AllowListedLoads:
-    """DeepSpeed's checkpoint engine with its one unpickling call (`load`) replaced by ours;
-    saving and everything else is the wrapped engine's."""
-
-    def __init__(self, inner):
-        self._inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def load(self, path: str, map_location=None):
-        from ..merge.zero import deepspeed_classes
-
-        return torch_load(path, "DeepSpeed checkpoint file", allow=deepspeed_classes(), map_location=map_location)
-
-
-def initialize(spec: ModelSpec, model: nn.Module, cfg: TrainConfig, world: int):
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    wrapper = LossModule(spec, model)
-    engine, *_ = deepspeed.initialize(model=wrapper, model_parameters=wrapper.parameters(),
-                                      config=deepspeed_config(cfg, world))
-    engine.checkpoint_engine = AllowListedLoads(engine.checkpoint_engine)
-    return engine
-
-
-def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The model's state dict with fp32 master weights. Collective under ZeRO-3."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    model = engine.module.model
-    params = dict(model.named_parameters())
-    out = {}
-    for name, value in model.state_dict().items():
-        if name in params:
-            full = safe_get_full_fp32_param(params[name])
-            value = full if full is not None else params[name].detach()
-            value = value.float()
-        out[name] = value.detach().cpu().clone()
-    return out
+def check_user_json(cfg: Config) -> None:
+    """Every trainer's `deepspeed_json` (train, base.train) read and checked, before any stage runs."""
+    for t in (cfg.train, cfg.base.train):
+        if t is not None and t.deepspeed_json:
+            load_user_json(t.deepspeed_json)

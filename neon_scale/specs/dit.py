@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import _f
+from ..errors import NeonError
+from ..fields import setting
+from ..models.dit import DIT_SIZES, DiT, dit_config
+from ..models.layers import balanced_labels
 from ..sampling import diffusion
-from .dit import DIT_SIZES, DiT, dit_config
-from .latent import LatentImageSpec, balanced_labels
-from .registry import register
+from .latent import LatentImageSpec
 
 DIT_ARCHS = [f"{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8)]
 VAE_STRIDE = 8
@@ -24,33 +25,32 @@ VAE_STRIDE = 8
 
 @dataclass
 class DiTArgs:
-    arch: str = _f("XL/2", choices=DIT_ARCHS, help="official variant; depth/hidden_size/num_heads override it")
-    image_size: int = _f(256, min=2, help="pixels; the latent grid is image_size / 8 (with a VAE)")
-    channels: int = _f(3, min=1, help="image channels; the network's input channels in pixel space (vae: none)")
-    num_classes: int = _f(1000, min=1, help="class labels 0..num_classes-1; num_classes is the null class")
-    learn_sigma: bool = _f(True, help="8 output channels: eps and the variance (official)")
-    class_dropout_prob: float = _f(0.1, min=0.0, max=1.0, help="the official constructor's argument (sizes the "
+    arch: str = setting("XL/2", choices=DIT_ARCHS, help="official variant; depth/hidden_size/num_heads override it")
+    image_size: int = setting(256, min=2, help="pixels; the latent grid is image_size / 8 (with a VAE)")
+    channels: int = setting(3, min=1, help="image channels; the network's input channels in pixel space (vae: none)")
+    num_classes: int = setting(1000, min=1, help="class labels 0..num_classes-1; num_classes is the null class")
+    learn_sigma: bool = setting(True, help="8 output channels: eps and the variance (official)")
+    class_dropout_prob: float = setting(0.1, min=0.0, max=1.0, help="the official constructor's argument (sizes the "
                                                                 "null row); dropout in training is train.label_dropout")
-    depth: int = _f(0, min=0, help="0 = the arch's")
-    hidden_size: int = _f(0, min=0, help="0 = the arch's")
-    num_heads: int = _f(0, min=0, help="0 = the arch's")
-    vae: str = _f("", help="local SD VAE (diffusers folder of sd-vae-ft-ema/-mse); 'none': pixel space (the "
+    depth: int = setting(0, min=0, help="0 = the arch's")
+    hidden_size: int = setting(0, min=0, help="0 = the arch's")
+    num_heads: int = setting(0, min=0, help="0 = the arch's")
+    vae: str = setting("", help="local SD VAE (diffusers folder of sd-vae-ft-ema/-mse); 'none': pixel space (the "
                            "images in [-1, 1]); 'random' (tests)")
-    vae_seed: int = _f(0, help="seed of the random VAE")
+    vae_seed: int = setting(0, help="seed of the random VAE")
 
 
 @dataclass
 class DiTSampler:
-    method: str = _f("ddpm", choices=["ddpm", "ddim"], help="ddpm: learned-variance ancestral (official); ddim")
-    steps: int = _f(250, min=1, help="respaced steps out of the 1000 trained ones")
-    cfg: float = _f(1.5, min=0.0, help="classifier-free guidance scale: > 1 mode-seeking (official); 1: the plain "
+    method: str = setting("ddpm", choices=["ddpm", "ddim"], help="ddpm: learned-variance ancestral (official); ddim")
+    steps: int = setting(250, min=1, help="respaced steps out of the 1000 trained ones")
+    cfg: float = setting(1.5, min=0.0, help="classifier-free guidance scale: > 1 mode-seeking (official); 1: the plain "
                                        "conditional model; < 1 interpolates towards the unconditional model "
                                        "(diversity-seeking; the official code treats cfg <= 1 as 1)")
-    guided_channels: int = _f(3, min=1, help="eps channels guided (official: 3; 4 = all)")
-    eta: float = _f(0.0, min=0.0, max=1.0, help="DDIM noise")
+    guided_channels: int = setting(3, min=1, help="eps channels guided (official: 3; 4 = all)")
+    eta: float = setting(0.0, min=0.0, max=1.0, help="DDIM noise")
 
 
-@register
 class DiTSpec(LatentImageSpec):
     name = "dit"
     Args = DiTArgs
@@ -73,8 +73,6 @@ class DiTSpec(LatentImageSpec):
                     class_dropout_prob=args.class_dropout_prob)
 
     def validate(self, args: DiTArgs, where: str) -> None:
-        from ..errors import NeonError
-
         kw = self.constructor_args(args)
         stride = self.stride(args)
         if args.image_size % (stride * kw["patch_size"]):
@@ -88,9 +86,7 @@ class DiTSpec(LatentImageSpec):
 
     def check_sampler(self, args: DiTArgs, sampler: DiTSampler, where: str, key: str) -> None:
         if sampler.method == "ddpm" and not args.learn_sigma:
-            from ..errors import NeonError
-
-            raise NeonError(f"{where}: '{key}.method' = 'ddpm' needs model.args.learn_sigma: true (the official "
+                raise NeonError(f"{where}: '{key}.method' = 'ddpm' needs model.args.learn_sigma: true (the official "
                             f"learned-variance sampler); use method: ddim")
 
     def build(self, args: DiTArgs) -> DiT:

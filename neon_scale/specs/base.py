@@ -1,4 +1,4 @@
-"""Model registry: name -> ModelSpec, the only interface the stages use.
+"""ModelSpec: the one interface between a model and the stages.
 
 A spec knows how to build its network, compute its training loss on a batch, sample with a
 sampler setting, map samples to metric features and (for toys) draw real data. It knows nothing
@@ -6,16 +6,16 @@ of DeepSpeed, shards or sweeps.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
+import abc
 from typing import ClassVar
 
 import torch
 
 from ..errors import NeonError
+from ..fields import from_dict
 
 
-class ModelSpec:
+class ModelSpec(abc.ABC):
     name: ClassVar[str]
     Args: ClassVar[type]        # dataclass of constructor arguments (config: model.args)
     Sampler: ClassVar[type]     # dataclass of sampler settings (config: synth.samplers, eval.sampler)
@@ -23,13 +23,9 @@ class ModelSpec:
 
     # -- configuration
     def parse_args(self, raw: dict, where: str = "<config>", key: str = "model.args"):
-        from ..config import from_dict
-
         return from_dict(self.Args, raw or {}, where, prefix=key)
 
     def parse_sampler(self, raw: dict, where: str = "<config>", key: str = "sampler"):
-        from ..config import from_dict
-
         return from_dict(self.Sampler, raw or {}, where, prefix=key)
 
     def validate(self, args, where: str) -> None:
@@ -39,9 +35,11 @@ class ModelSpec:
         """Cross-checks of a parsed sampler setting against the parsed model args (config time)."""
 
     # -- the model
+    @abc.abstractmethod
     def build(self, args) -> torch.nn.Module:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
@@ -53,6 +51,7 @@ class ModelSpec:
         """Make `model` recompute its activations in backward (train.activation_checkpointing)."""
         raise NeonError(f"model {self.name!r} has no activation-checkpointing hook (train.activation_checkpointing)")
 
+    @abc.abstractmethod
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, n: int, gen: torch.Generator, sampler,
                start: int = 0) -> dict[str, torch.Tensor]:
@@ -79,30 +78,3 @@ class ModelSpec:
 
     metric_name: ClassVar[str] = "fid"
     makes_images: ClassVar[bool] = False  # True: `images()` + Inception FID instead of `features()`
-
-
-_REGISTRY: dict[str, ModelSpec] = {}
-
-
-def register(spec_cls: type[ModelSpec]) -> type[ModelSpec]:
-    assert dataclasses.is_dataclass(spec_cls.Args) and dataclasses.is_dataclass(spec_cls.Sampler)
-    _REGISTRY[spec_cls.name] = spec_cls()
-    return spec_cls
-
-
-def _load_builtin() -> None:
-    from . import dit_spec, toy, xar_spec  # noqa: F401  (registers the models)
-
-
-def get_spec(name: str, where: str = "<config>") -> ModelSpec:
-    _load_builtin()
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.0)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise NeonError(f"{where}: unknown model 'model.name' = {name!r}{hint}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
-
-
-def names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)

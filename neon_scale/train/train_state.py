@@ -24,6 +24,7 @@ from .. import dist
 from ..ckpt_files import LATEST, MODULE_PREFIX, TAG_RE, read_latest, tag_of, trainer_file
 from ..errors import DISK_FULL, NeonError, first_line
 from ..io import read_json, write_json, write_text
+from .reshard import load_resharded
 
 def _tags(ckpt_dir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
     if not ckpt_dir.is_dir():
@@ -91,11 +92,9 @@ def resume(engine, ckpt_dir: pathlib.Path, ema=None) -> dict | None:
     if saved_world != dist.world():
         # Another world size (a requeued job on another node count): our ZeRO reader re-partitions
         # parameters, optimizer state and the EMA for this world (train/reshard.py).
-        from .reshard import load_resharded
-
         load_resharded(engine, tag_dir, ema, saved_world)
         return state
-    try:  # DeepSpeed reads the files through train/engine.AllowListedLoads (no pickle runs)
+    try:  # DeepSpeed reads the files through train/deepspeed_engine.AllowListedLoads (no pickle runs)
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     except NeonError:
         raise

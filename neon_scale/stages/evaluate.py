@@ -14,8 +14,8 @@ import math
 import torch
 
 from .. import dist, rng, stop
-from ..models.registry import ModelSpec
-from .fid import Moments, frechet_distance
+from ..metrics.fid import Moments, frechet_distance
+from ..specs.base import ModelSpec
 
 
 class SampleMetric:

@@ -13,27 +13,11 @@ from typing import ClassVar
 import torch
 
 from ..errors import NeonError
-from .registry import ModelSpec
+from ..models.layers import check_labels
+from .base import ModelSpec
 
 RANDOM_VAE = "random"  # model.args.vae: a small randomly initialised VAE (tests, tiny configs)
 NO_VAE = "none"        # model.args.vae: pixel space, the network sees the images in [-1, 1]
-
-
-def balanced_labels(start: int, n: int, num_classes: int, device=None) -> torch.Tensor:
-    return (torch.arange(start, start + n, device=device) % num_classes).long()
-
-
-def check_labels(labels: torch.Tensor, num_classes: int, allow_null: bool, where: str) -> None:
-    """One line naming the first label outside [0, num_classes) ([0, num_classes] with the null class)."""
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise NeonError(f"{where}: class labels must be integers, got {labels.dtype}")
-    top = num_classes + 1 if allow_null else num_classes
-    bad = (labels < 0) | (labels >= top)
-    if bool(bad.any()):
-        first = int(labels[bad.nonzero()[0, 0]])
-        allowed = f"[0, {num_classes}]" if allow_null else f"[0, {num_classes - 1}]"
-        raise NeonError(f"{where}: class label {first} is out of range {allowed} (model.args.num_classes = "
-                        f"{num_classes})")
 
 
 class LatentImageSpec(ModelSpec):
