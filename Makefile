@@ -10,7 +10,7 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || 
 # The venv's bin first: its ninja must build extensions, not the system one.
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu
 
-.PHONY: install demo digits bench-digits bench-kills bench-matrix test tiny-assets clean-runs
+.PHONY: install demo digits bench-digits bench-kills bench-matrix test test-fast tiny-assets clean-runs
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ tiny-assets: install
 # every test but the rest of the configuration matrices (their representative cases run here)
 test: install
 	$(RUN) $(PY) -m pytest -q -m "not matrix" tests
+
+# the fast inner loop: the unit tests of every module, without whole runs through the launcher,
+# multi-process runs or anything else over a few seconds (under 2 min on 2 cores)
+test-fast: install
+	$(RUN) $(PY) -m pytest -q -m "not slow and not matrix" tests
 
 # the whole matrices: train kill/resume (ZeRO 2/3 x fp32/bf16), resume on another world size and
 # the reshard (ZeRO 1/2/3 x fp32/bf16 x 2->1/1->2); about 10 min on 2 cores

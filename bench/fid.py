@@ -20,7 +20,13 @@ import time
 
 import numpy as np
 import torch
+import torch_fidelity
 from PIL import Image
+
+from neon_scale.metrics import features as feats
+from neon_scale.metrics import preprocess as prep
+from neon_scale.metrics.inception import load_inception, random_inception_weights
+from neon_scale.metrics.inputs import FolderSource
 
 
 def make_images(folder: str, n: int, size: int) -> None:
@@ -33,8 +39,6 @@ def make_images(folder: str, n: int, size: int) -> None:
 
 
 def run_fidelity(folder: str, weights: str, batch_size: int, cuda: bool) -> float:
-    import torch_fidelity
-
     t0 = time.perf_counter()
     torch_fidelity.calculate_metrics(input1=folder, isc=True, cuda=cuda, batch_size=batch_size, verbose=False,
                                      cache=False, feature_extractor_weights_path=weights)
@@ -42,11 +46,6 @@ def run_fidelity(folder: str, weights: str, batch_size: int, cuda: bool) -> floa
 
 
 def run_neon(folder: str, weights: str, batch_size: int, workers: int, variant: str) -> tuple[float, dict]:
-    from neon_scale.metrics import features as feats
-    from neon_scale.metrics import preprocess as prep
-    from neon_scale.metrics.inception import load_inception
-    from neon_scale.metrics.inputs import FolderSource
-
     saved = prep.preprocess
     if variant == "torch preprocess":
         feats.preprocess = prep.preprocess_reference
@@ -63,13 +62,11 @@ def run_neon(folder: str, weights: str, batch_size: int, workers: int, variant: 
 
 
 def check_cuda_op() -> str:
-    from neon_scale.metrics.preprocess import have_compiled_op, preprocess
-
     if not torch.cuda.is_available():
         return "no GPU: CUDA op not checked"
     x = torch.randint(0, 256, (16, 3, 256, 256), dtype=torch.uint8)
-    cpu, gpu = preprocess(x), preprocess(x.cuda()).cpu()
-    return f"CUDA op vs CPU op: max |diff| {(cpu - gpu).abs().max().item():.3g} (compiled: {have_compiled_op()})"
+    cpu, gpu = prep.preprocess(x), prep.preprocess(x.cuda()).cpu()
+    return f"CUDA op vs CPU op: max |diff| {(cpu - gpu).abs().max().item():.3g} (compiled: {prep.have_compiled_op()})"
 
 
 def main() -> None:
@@ -88,8 +85,6 @@ def main() -> None:
         make_images(folder, args.n, args.size)
         weights = args.weights
         if weights is None:
-            from neon_scale.metrics.inception import random_inception_weights
-
             weights = os.path.join(tmp, "inception.pth")
             random_inception_weights(weights)
         rows = {}

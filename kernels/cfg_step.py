@@ -36,16 +36,15 @@ store.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from . import sampling_reference as ref
+from .launch import TL_DTYPES, check_dtypes, contiguous, launch, row_grid, use_kernel
 
-BLOCK = 1024
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
+_DTYPE_NAMES = "fp16/bf16/fp32/fp64"
 
 
 # ------------------------------------------------------------------------------------ kernels
@@ -208,25 +207,6 @@ def _check_em(x, velocity, noise, scale) -> None:
         raise ValueError(f"em_step: velocity shape {_shape(velocity)} does not match x shape {_shape(x)}")
 
 
-def _want_triton(x: torch.Tensor, use_triton: bool | None) -> bool:
-    if use_triton is None:
-        return x.is_cuda
-    if use_triton and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("use_triton=True needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)")
-    return bool(use_triton)
-
-
-def _dtype_ok(name: str, **tensors) -> None:
-    for what, t in tensors.items():
-        if t is not None and t.dtype not in _TL:
-            raise ValueError(f"{name}: {what} dtype {t.dtype} not supported (fp16/bf16/fp32/fp64)")
-
-
-def _grid(rows: int, row_numel: int) -> tuple[int, int]:
-    nblk = triton.cdiv(row_numel, BLOCK)
-    return nblk, rows * nblk
-
-
 # ----------------------------------------------------------------------------------- public API
 
 def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor | None, *, scale: float | None,
@@ -240,25 +220,22 @@ def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor | No
     coefs = dict(scale=scale, guided_channels=guided_channels, sqrt_recip_ac=sqrt_recip_ac,
                  sqrt_recipm1_ac=sqrt_recipm1_ac, mean_coef1=mean_coef1, mean_coef2=mean_coef2,
                  log_var_min=log_var_min, log_var_max=log_var_max)
-    if not _want_triton(x, use_triton):
+    if not use_kernel(x, use_triton):
         return ref.ddpm_step(x, model_out, noise, **coefs)
-    _dtype_ok("ddpm_step", x=x, model_out=model_out, noise=noise)
-    x_c, out_c = x.contiguous(), model_out.contiguous()
-    noise_c = None if noise is None else noise.contiguous()
+    check_dtypes("ddpm_step: ", TL_DTYPES, _DTYPE_NAMES, x=x, model_out=model_out, noise=noise)
+    x_c, out_c, noise_c = contiguous(x, model_out, noise)
     y = torch.empty_like(x_c)
     b = x.shape[0]
     spatial = math.prod(x.shape[2:])
     row_numel = c * spatial
-    nblk, total = _grid(b, row_numel)
-    if total == 0:
-        return y
+    nblk, total = row_grid(b, row_numel)
     g = min(guided_channels, 2 * c)
-    _ddpm_kernel[(total,)](
-        x_c, out_c, x_c if noise_c is None else noise_c, y, row_numel, nblk, 2 * row_numel, b * 2 * row_numel,
-        g * spatial, (g - c) * spatial, float(scale if scale is not None else 0.0), float(sqrt_recip_ac),
-        float(sqrt_recipm1_ac), float(mean_coef1), float(mean_coef2), float(log_var_min), float(log_var_max),
-        GUIDED=scale is not None, HAS_NOISE=noise_c is not None, OUT_T=_TL[x.dtype], BLOCK=BLOCK,
-        enable_fp_fusion=False)
+    launch(_ddpm_kernel, total,
+           x_c, out_c, x_c if noise_c is None else noise_c, y, row_numel, nblk, 2 * row_numel, b * 2 * row_numel,
+           g * spatial, (g - c) * spatial, float(scale if scale is not None else 0.0), float(sqrt_recip_ac),
+           float(sqrt_recipm1_ac), float(mean_coef1), float(mean_coef2), float(log_var_min), float(log_var_max),
+           GUIDED=scale is not None, HAS_NOISE=noise_c is not None, OUT_T=TL_DTYPES[x.dtype],
+           enable_fp_fusion=False)
     return y
 
 
@@ -270,25 +247,22 @@ def ddim_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor | No
     _check_dit("ddim_step", x, model_out, noise, scale, guided_channels, (c, 2 * c))
     coefs = dict(scale=scale, guided_channels=guided_channels, sqrt_recip_ac=sqrt_recip_ac,
                  sqrt_recipm1_ac=sqrt_recipm1_ac, sqrt_ac_prev=sqrt_ac_prev, dir_coef=dir_coef, sigma=sigma)
-    if not _want_triton(x, use_triton):
+    if not use_kernel(x, use_triton):
         return ref.ddim_step(x, model_out, noise, **coefs)
-    _dtype_ok("ddim_step", x=x, model_out=model_out, noise=noise)
-    x_c, out_c = x.contiguous(), model_out.contiguous()
-    noise_c = None if noise is None or sigma == 0 else noise.contiguous()
+    check_dtypes("ddim_step: ", TL_DTYPES, _DTYPE_NAMES, x=x, model_out=model_out, noise=noise)
+    x_c, out_c, noise_c = contiguous(x, model_out, None if sigma == 0 else noise)  # sigma 0: no noise read
     y = torch.empty_like(x_c)
     b = x.shape[0]
     spatial = math.prod(x.shape[2:])
     row_numel = c * spatial
-    nblk, total = _grid(b, row_numel)
-    if total == 0:
-        return y
+    nblk, total = row_grid(b, row_numel)
     out_row = model_out.shape[1] * spatial
-    _ddim_kernel[(total,)](
-        x_c, out_c, x_c if noise_c is None else noise_c, y, row_numel, nblk, out_row, b * out_row,
-        min(guided_channels, c) * spatial, float(scale if scale is not None else 0.0), float(sqrt_recip_ac),
-        float(sqrt_recipm1_ac), float(sqrt_ac_prev), float(dir_coef), float(sigma),
-        GUIDED=scale is not None, HAS_NOISE=noise_c is not None, OUT_T=_TL[x.dtype], BLOCK=BLOCK,
-        enable_fp_fusion=False)
+    launch(_ddim_kernel, total,
+           x_c, out_c, x_c if noise_c is None else noise_c, y, row_numel, nblk, out_row, b * out_row,
+           min(guided_channels, c) * spatial, float(scale if scale is not None else 0.0), float(sqrt_recip_ac),
+           float(sqrt_recipm1_ac), float(sqrt_ac_prev), float(dir_coef), float(sigma),
+           GUIDED=scale is not None, HAS_NOISE=noise_c is not None, OUT_T=TL_DTYPES[x.dtype],
+           enable_fp_fusion=False)
     return y
 
 
@@ -297,27 +271,26 @@ def em_step(x: torch.Tensor, velocity: torch.Tensor, noise: torch.Tensor | None,
     """xAR's Euler-Maruyama step with the guided drift (see the module docstring and
     sampling_reference.em_step)."""
     _check_em(x, velocity, noise, scale)
-    if not _want_triton(x, use_triton):
+    if not use_kernel(x, use_triton):
         return ref.em_step(x, velocity, noise, scale=scale, t=t, dt=dt)
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"em_step: x dtype {x.dtype} not supported by the kernel (fp32/fp64)")
-    _dtype_ok("em_step", velocity=velocity, noise=noise)
-    x_c, v_c = x.contiguous(), velocity.contiguous()
-    noise_c = None if noise is None else noise.contiguous()
+    check_dtypes("em_step: ", TL_DTYPES, _DTYPE_NAMES, velocity=velocity, noise=noise)
+    x_c, v_c, noise_c = contiguous(x, velocity, noise)
     y = torch.empty_like(x_c)
     b = x.shape[0]
     row_numel = math.prod(x.shape[1:])
-    nblk, total = _grid(b, row_numel)
-    if total == 0:
+    nblk, total = row_grid(b, row_numel)
+    if total == 0:  # before the coefficients: no launch, nothing to compute
         return y
     ratio, var, diffusion = ref.em_coefficients(t)  # the reference's scalars (Python floats, i.e. fp64)
     wide = x.dtype == torch.float64
     kernel = _em_kernel_f64 if wide else _em_kernel_f32
-    kernel[(total,)](
-        x_c, v_c, x_c if noise_c is None else noise_c, y, row_numel, nblk, b * row_numel,
-        float(scale if scale is not None else 0.0), float(ratio), float(var), float(0.5 * diffusion), float(dt),
-        math.sqrt(diffusion) if noise_c is not None else 0.0, math.sqrt(abs(dt)) if noise_c is not None else 0.0,
-        GUIDED=scale is not None, HAS_NOISE=noise_c is not None, ACC=_TL[x.dtype],
-        V_WIDE=velocity.dtype == torch.float64, N_WIDE=noise_c is not None and noise_c.dtype == torch.float64,
-        BLOCK=BLOCK, enable_fp_fusion=False)
+    launch(kernel, total,
+           x_c, v_c, x_c if noise_c is None else noise_c, y, row_numel, nblk, b * row_numel,
+           float(scale if scale is not None else 0.0), float(ratio), float(var), float(0.5 * diffusion), float(dt),
+           math.sqrt(diffusion) if noise_c is not None else 0.0, math.sqrt(abs(dt)) if noise_c is not None else 0.0,
+           GUIDED=scale is not None, HAS_NOISE=noise_c is not None, ACC=TL_DTYPES[x.dtype],
+           V_WIDE=velocity.dtype == torch.float64, N_WIDE=noise_c is not None and noise_c.dtype == torch.float64,
+           enable_fp_fusion=False)
     return y

@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import BLOCK, TL_DTYPES, blocks, check_dtypes, contiguous, launch
 from .reference import extrapolate_reference  # noqa: F401  (the kernel's torch twin, re-exported)
 
-BLOCK = 1024
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -49,25 +49,24 @@ def _extrapolate_many_kernel(base_tab, synth_tab, out_tab, blocks, w, BASE_T: tl
     tl.store(out_ptr + offs, out.to(OUT_T), mask=mask)
 
 
-def _launch(bases, synths, outs, w: float) -> None:
+def _launch_group(bases, synths, outs, w: float) -> None:
     """One launch over contiguous same-device tensors sharing a (base, synth, out) dtype triple."""
     dev = bases[0].device
     numels = torch.tensor([b.numel() for b in bases], dtype=torch.int64)
-    nblocks = (numels + BLOCK - 1) // BLOCK
+    nblocks = blocks(numels)
     total = int(nblocks.sum())
     if total == 0:
         return
     which = torch.repeat_interleave(torch.arange(len(bases)), nblocks)
     first_block = torch.cumsum(nblocks, 0) - nblocks
     start = (torch.arange(total) - first_block[which]) * BLOCK
-    blocks = torch.stack([which, start, numels[which]], dim=1).contiguous().to(dev)
+    block_rows = torch.stack([which, start, numels[which]], dim=1).contiguous().to(dev)
 
     def table(ts):
         return torch.tensor([x.data_ptr() for x in ts], dtype=torch.int64).to(dev)
 
-    _extrapolate_many_kernel[(total,)](
-        table(bases), table(synths), table(outs), blocks, float(w),
-        BASE_T=_TL[bases[0].dtype], SYNTH_T=_TL[synths[0].dtype], OUT_T=_TL[outs[0].dtype], BLOCK=BLOCK)
+    launch(_extrapolate_many_kernel, total, table(bases), table(synths), table(outs), block_rows, float(w),
+           BASE_T=TL_DTYPES[bases[0].dtype], SYNTH_T=TL_DTYPES[synths[0].dtype], OUT_T=TL_DTYPES[outs[0].dtype])
 
 
 def extrapolate_many(bases: list[torch.Tensor], synths: list[torch.Tensor], w: float,
@@ -85,8 +84,7 @@ def extrapolate_many(bases: list[torch.Tensor], synths: list[torch.Tensor], w: f
             raise ValueError(f"shape mismatch at index {i}: base {tuple(b.shape)} vs "
                              f"synth {tuple(s.shape)} vs out {tuple(o.shape)}")
         for name, x in (("base", b), ("synth", s), ("out", o)):
-            if x.dtype not in _TL:
-                raise ValueError(f"index {i}: {name} dtype {x.dtype} not supported (fp32/fp16/bf16)")
+            check_dtypes(f"index {i}: ", DTYPES, "fp32/fp16/bf16", **{name: x})
             if x.device != bases[0].device:
                 raise ValueError(f"index {i}: {name} on {x.device}, expected {bases[0].device}")
 
@@ -95,12 +93,12 @@ def extrapolate_many(bases: list[torch.Tensor], synths: list[torch.Tensor], w: f
         groups.setdefault((b.dtype, s.dtype, o.dtype), []).append(i)
     write_back = []
     for idx in groups.values():
-        b_c = [bases[i].contiguous() for i in idx]
-        s_c = [synths[i].contiguous() for i in idx]
+        b_c = contiguous(*(bases[i] for i in idx))
+        s_c = contiguous(*(synths[i] for i in idx))
         o_c = [outs[i] if outs[i].is_contiguous()
                else torch.empty_like(outs[i], memory_format=torch.contiguous_format) for i in idx]
         write_back += [(outs[i], o) for i, o in zip(idx, o_c) if o is not outs[i]]
-        _launch(b_c, s_c, o_c, w)
+        _launch_group(b_c, s_c, o_c, w)
     for o, buf in write_back:
         o.copy_(buf)
     return outs

@@ -47,7 +47,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def _add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", help="theta_r: .safetensors, safetensors dir with index, .pt/.pth, or DeepSpeed checkpoint dir")
-    p.add_argument("synth", metavar="self", help="theta_s (the self-trained weights), same formats")
+    p.add_argument("theta_s", metavar="self", help="theta_s (the self-trained weights), same formats")
     p.add_argument("--w", type=float, action="append", required=True,
                    help="extrapolation weight (repeatable: several outputs OUT/w=<w>/ from one read)")
     p.add_argument("-o", "--out", required=True, help="output directory")
@@ -62,6 +62,35 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (the old OUT stays until "
                                                              "the new one is complete)")
     _add_common_args(p)
+
+
+def _add_fid_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="generated images: image folder, ADM .npz (arr_0), webdataset .tar / folder of "
+                                 ".tar, or a stats .npz (mu, sigma)")
+    p.add_argument("input2", nargs="?", help="reference images (same forms) or a stats .npz")
+    p.add_argument("--ref", help="reference statistics .npz with mu, sigma (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+    p.add_argument("--features", default="inception", metavar="NAME",
+                   help="feature backbone: inception (FID; default), dinov2 (FD_DINOv2) or classifier "
+                        "(the project's classifier on the real data)")
+    p.add_argument("--weights", required=True,
+                   help="the backbone's local weights file (never downloaded): inception: torch-fidelity's "
+                        "weights-inception-2015-12-05-6726825d.pth; dinov2: dinov2_vitl14_pretrain.pth; "
+                        "classifier: the project's trained classifier")
+    p.add_argument("--metrics", default=None, help="comma list of fid,isc,kid,prc (default: fid with a second "
+                                                   "input or --ref, else isc); fid is the Frechet distance in "
+                                                   "the backbone's features, isc needs a backbone with logits")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="write INPUT's mu/sigma (ADM format)")
+    p.add_argument("--json", metavar="OUT.json", help="write the results as JSON (rank 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per network batch (default 64)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader decode workers per rank (default min(4, cores))")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and count them (default: error)")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (default 1000)")
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda:LOCAL_RANK when available)")
+    p.add_argument("--trust-pickles", action="store_true", help="let torch.load unpickle classes outside the "
+                                                                "allow-list in --weights (only for files you made)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,10 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "the new one is complete)")
     _add_common_args(cons)
     fid_help = "FID / Inception Score / KID / precision-recall of image sets (torch-fidelity's numbers, distributed)"
-    from .metrics.command import add_args as add_fid_args
-
-    add_fid_args(sub.add_parser("fid", help=fid_help, description=fid_help,
-                                epilog="Multi-rank: torchrun --nproc-per-node 8 launchers/neon.py fid ..."))
+    _add_fid_args(sub.add_parser("fid", help=fid_help, description=fid_help,
+                                 epilog="Multi-rank: torchrun --nproc-per-node 8 launchers/neon.py fid ..."))
     return parser
 
 
@@ -123,6 +150,18 @@ def run_command(args: argparse.Namespace) -> None:
     dist.barrier()
 
 
+def run_fid(args: argparse.Namespace) -> None:
+    """`neon fid`: the options as metrics.calculate's arguments."""
+    from . import stop
+    from .metrics.calculate import calculate
+
+    stop.install(("SIGTERM", "SIGUSR1"))
+    calculate(args.input, args.input2, weights=args.weights, ref=args.ref, features=args.features,
+              metrics=args.metrics, save_stats=args.save_stats, json_path=args.json, batch_size=args.batch_size,
+              workers=args.workers, skip_bad=args.skip_bad, kid_subset_size=args.kid_subset_size,
+              kid_subsets=args.kid_subsets, device=args.device)
+
+
 def _negative_w(argv: list[str]) -> list[str]:
     """`--w -1e-3` as `--w=-1e-3`: argparse takes a value starting with '-' for an option unless it
     looks like a plain decimal, and an exponent does not."""
@@ -150,19 +189,19 @@ def main(argv: list[str] | None = None) -> None:
         trust_pickles()
     try:
         if args.command == "merge":
-            from .merge.merge_files import run_cli
+            from .merge.merge_files import merge
 
-            run_cli(args)
+            merge(args.base, args.theta_s, args.w, args.out, base_tag=args.base_tag or args.tag,
+                  theta_s_tag=args.self_tag or args.tag, base_key=args.base_key or args.key,
+                  theta_s_key=args.self_key or args.key, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                  overwrite=args.overwrite)
         elif args.command == "consolidate":
-            from .merge.consolidate import run_cli as consolidate_cli
+            from .merge.consolidate import consolidate
 
-            consolidate_cli(args)
+            consolidate(args.ckpt_dir, args.out, tag=args.tag, ema=args.ema, dtype=args.dtype,
+                        max_shard_size=args.max_shard_size, overwrite=args.overwrite)
         elif args.command == "fid":
-            from . import stop
-            from .metrics.command import run_cli as fid_cli
-
-            stop.install(("SIGTERM", "SIGUSR1"))
-            fid_cli(args)
+            run_fid(args)
         else:
             run_command(args)
     except Stopped as e:  # saved what it had: a rerun resumes (neon.sbatch requeues on this status)

@@ -290,7 +290,7 @@ def init() -> None:
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _skip_deepspeed_shm_build()
-    import deepspeed
+    import deepspeed  # seconds to import: only when a process group is formed
 
     rank_, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
@@ -359,8 +359,6 @@ def finish() -> None:
     """End a multi-rank script: wait for every rank, then exit at once. Tearing down gloo's process
     group (or leaving it to interpreter finalization) races with the peer's teardown and now and
     then aborts a rank with SIGABRT ("terminate called without an active exception")."""
-    import sys
-
     barrier()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -12,12 +12,15 @@ the class. `trust_pickles()` (`--trust-pickles`, config `trust_pickles: true`) l
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import ctypes
 import errno
 import json
 import math
 import os
 import pathlib
+import pickle
 import re
 import shutil
 import tempfile
@@ -86,8 +89,6 @@ def _remove(p: pathlib.Path) -> None:
 def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
     """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
     system or the filesystem cannot."""
-    import ctypes
-
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
@@ -261,10 +262,10 @@ def torch_load(path: str | os.PathLike, what: str = "PyTorch file", allow: tuple
                map_location="cpu"):
     """The package's one torch.load: weights_only=True with `allow` (classes the file format is
     known to hold, none with a custom __reduce__) plus argparse.Namespace (official training files
-    keep their args in one). Anything else is one line naming the file and the class."""
-    import argparse
-    import pickle
-
+    keep their args in one). Anything else is one line naming the file and the class; so is a
+    missing file (or a folder), named as `what`."""
+    if not pathlib.Path(path).is_file():
+        raise NeonError(f"{path}: {what} not found")
     if _TRUSTED:
         return torch.load(str(path), map_location=map_location, weights_only=False, mmap=mmap)
     try:

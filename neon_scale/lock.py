@@ -24,6 +24,7 @@ import pathlib
 import socket
 from collections.abc import Iterator
 
+from . import dist
 from .errors import NeonError
 
 _INFO_MAX = 4096  # more than any holder writes; a read of a larger file is garbage anyway
@@ -152,8 +153,6 @@ def hold(lock_path: str | os.PathLike, what: str, remove: bool = True) -> Iterat
 def hold_on_rank0(lock_path: str | os.PathLike, what: str, remove: bool = True) -> Iterator[Lock | None]:
     """Rank 0 holds the lock for the block; every rank learns the outcome (one broadcast), so with a
     busy lock every rank raises the same one line and none waits in a later collective."""
-    from . import dist
-
     lock, failure, message = None, None, None
     if dist.is_main():
         try:

@@ -1,6 +1,6 @@
 """The selection rule over (w, guidance) for one fine-tune checkpoint, independent of models.
 
-`early_stop` (the authors' rule, NEON.md "Selection"): the outer loop walks the w grid outwards
+`early_stop` (the authors' rule, as the paper describes its selection): the outer loop walks the w grid outwards
 from w = 0 (the baseline, always evaluated), in both directions, and stops a direction when the
 best metric of a w is more than `tol` worse than that of the previous w; the inner loop walks
 the guidance values in order and stops when the metric rises more than `tol` above the best of

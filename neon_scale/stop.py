@@ -11,6 +11,7 @@ arrives is finished first: nothing is interrupted, only the next check point sto
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable, Iterable, Iterator
 
 from . import dist
 from .errors import Stopped  # noqa: F401  (re-exported: stop.Stopped)
@@ -62,6 +63,18 @@ def check(where: str, saved: str = "") -> None:
     `where` says what was running, `saved` what was kept."""
     if agreed():
         raise Stopped(message(where, saved))
+
+
+def turns(work: Iterable, count: int, where: str | Callable[[int], str], saved: str = "") -> Iterator:
+    """`count` turns on every rank, each ending at a collective stop point (`check`): turn t hands
+    out the next item of this rank's `work` while there is one, so a rank with less work (or none)
+    still reaches every stop point. `where`: the text for `check`, or a function of the turn t."""
+    items, done = iter(work), object()
+    for t in range(count):
+        item = next(items, done)
+        if item is not done:
+            yield item
+        check(where(t) if callable(where) else where, saved)
 
 
 def message(where: str, saved: str = "") -> str:

@@ -18,19 +18,25 @@ import operator
 import pathlib
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from . import dist
 from .errors import NeonError
-
-if TYPE_CHECKING:
-    from .config import RunConfig
 
 FLUSH_SECS = 30  # at most this long between flushes: a killed run loses under 30 s of curves
 WANDB_MISSING = "run.wandb is true but the wandb package is not installed: pip install wandb, or set run.wandb=false"
 TENSORBOARD_MISSING = ("run.tensorboard is true but the tensorboard package is not installed: pip install tensorboard, "
                        "or set run.tensorboard=false")
 _W_STEP = "step"  # W&B: our step as a logged key (its own step must increase; the sweep's w x 1000 does not)
+
+
+class TrackingSettings(Protocol):
+    """What open_tracker reads of its settings: the config's `run` section (config.RunConfig),
+    duck-typed: config imports this module (a layer below it), so this module never imports config."""
+    tensorboard: bool
+    wandb: bool
+    wandb_project: str
+    wandb_mode: str
 
 
 def wandb_available() -> bool:
@@ -91,7 +97,7 @@ class Tracker:
             with self._disk_errors():
                 self._writer.add_figure(tag, figure, step, close=False)
         if self._wandb is not None:
-            import wandb
+            import wandb  # lazy: optional (a W&B run is open here, so it is installed)
 
             self._wandb.log({tag: wandb.Image(figure), _W_STEP: step})
 
@@ -143,9 +149,10 @@ class _DiskErrors:
         return False
 
 
-def open_tracker(run_dir: pathlib.Path, run_cfg: "RunConfig", name: str, config: dict | None = None, *,
+def open_tracker(run_dir: pathlib.Path, run_cfg: TrackingSettings, name: str, config: dict | None = None, *,
                  purge_step: int | None = None, fresh: bool = False) -> Tracker:
-    """A Tracker for `name` ("base", "train/zeta=1.1", "sweep") in `run_dir`.
+    """A Tracker for `name` ("base", "train/zeta=1.1", "sweep") in `run_dir`, as the config's `run`
+    section `run_cfg` asks (its tensorboard, wandb, wandb_project and wandb_mode settings).
 
     config: recorded with the run (TensorBoard text `config`, W&B run config).
     purge_step: a resumed training run passes the step it resumes from; TensorBoard then hides
@@ -163,6 +170,8 @@ def open_tracker(run_dir: pathlib.Path, run_cfg: "RunConfig", name: str, config:
     writer = None
     if run_cfg.tensorboard:
         try:
+            # lazy: tensorboard is optional (run.tensorboard=false needs no install), and config
+            # imports this module, so every command would pay for it
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise NeonError(TENSORBOARD_MISSING) from None
@@ -190,8 +199,8 @@ def open_tracker(run_dir: pathlib.Path, run_cfg: "RunConfig", name: str, config:
     return Tracker(writer, run, where)
 
 
-def _wandb_init(run_dir: pathlib.Path, run_cfg: "RunConfig", name: str, config: dict | None):
-    import wandb
+def _wandb_init(run_dir: pathlib.Path, run_cfg: TrackingSettings, name: str, config: dict | None):
+    import wandb  # lazy: optional, and slow to import
 
     # console="off": wandb would otherwise wrap stdout/stderr, under rich's live progress display;
     # quiet: no history sparklines at every close (one W&B run per stage)

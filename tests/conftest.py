@@ -5,6 +5,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pathlib  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -38,11 +39,89 @@ def neon(*args: str, cwd=ROOT, env_extra=None, timeout=600) -> subprocess.Comple
                           capture_output=True, text=True, timeout=timeout)
 
 
-def torchrun(script, *args: str, timeout=600) -> subprocess.CompletedProcess:
-    """Run `script` on 2 local ranks (gloo) with torchrun, from the repository root."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def torchrun_cmd(script, *args: str, nproc: int = 2) -> list[str]:
+    """The command line that runs `script` on `nproc` local ranks (gloo) with torchrun."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            str(script), *args]
+
+
+def torchrun_env() -> dict[str, str]:
+    """The environment for a torchrun started by the tests (with torchrun_cmd, or torchrun)."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+
+
+def torchrun(script, *args: str, nproc: int = 2, timeout=600) -> subprocess.CompletedProcess:
+    """Run `script` on `nproc` (default 2) local ranks (gloo) with torchrun, from the repository root."""
+    return subprocess.run(torchrun_cmd(script, *args, nproc=nproc), cwd=ROOT, env=torchrun_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *needles: str, exit_code: int | None = 2, warnings_ok: bool = True) -> None:
+    """`proc` (a finished command) failed with one line on stderr, `error: ...` holding every needle,
+    and no traceback.
+
+    exit_code: the exact status expected (2: bad input, the `neon` command and the launchers), or
+    None for any non-zero status. warnings_ok: DeepSpeed's `[WARNING]` lines (and blank lines) may
+    come before the error line; with False, stderr is that one line and nothing else."""
+    if exit_code is None:
+        assert proc.returncode != 0, proc.stdout + proc.stderr
+    else:
+        assert proc.returncode == exit_code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    if warnings_ok:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "[WARNING]" not in ln]
+    else:
+        lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:"), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def kill(proc, *, children: bool = True, timeout: float = 30) -> None:
+    """SIGKILL `proc` (a Popen) and, unless children=False, every process it started (torchrun's
+    ranks too, each in a session of its own), then wait until they are gone."""
+    import psutil
+
+    family = [proc.pid]
+    if children:
+        try:
+            family += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=timeout)
+    left = []
+    for pid in family[1:]:
+        try:
+            left.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=timeout)
+
+
+def kill_when(proc, condition, timeout: float = 300, poll: float = 0.02) -> None:
+    """Kill `proc` and its children (kill) as soon as `condition()` holds; the run must still be
+    going then, and the condition must come within `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if condition():
+                kill(proc)
+                return
+            if proc.poll() is not None:
+                pytest.fail("the run ended before the kill point")
+            time.sleep(poll)
+        pytest.fail("kill point never reached")
+    finally:
+        if proc.poll() is None:
+            kill(proc)
 
 
 LAUNCHER = ROOT / "launchers" / "neon.py"
@@ -88,8 +167,9 @@ def signal_when(procs, marker: pathlib.Path, rank: int, sig, timeout=300) -> Non
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: whole runs through the launcher (minutes); the fast inner loop is "
-                                       "`pytest -m 'not slow'`")
+    config.addinivalue_line("markers", "slow: whole runs (through the launcher or not), multi-process runs, "
+                                       "anything over ~5 s; the fast inner loop (`make test-fast`, under 2 min) is "
+                                       "`pytest -m 'not slow and not matrix'`")
     config.addinivalue_line("markers", "matrix: the rest of a configuration matrix whose representative cases run "
                                        "in `make test`; all of it: `make bench-matrix`")
 

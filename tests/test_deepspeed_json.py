@@ -11,8 +11,7 @@ from neon_scale.config import load_config
 from neon_scale.errors import NeonError
 from neon_scale.train.deepspeed_config import check_user_json, deepspeed_config
 
-from .conftest import TOY, neon, small_overrides
-from .test_cli import assert_one_line_error
+from .conftest import TOY, assert_one_line_error, neon, small_overrides
 
 
 def _write(tmp_path, user: dict):
@@ -40,6 +39,7 @@ def test_unknown_keys_fail_with_the_config(tmp_path, user, message):
         check_user_json(load_config(str(TOY), [f"train.deepspeed_json={path}"]))
 
 
+@pytest.mark.slow  # a neon command in a fresh process (over 2 s each here)
 def test_loading_a_config_never_imports_deepspeed(tmp_path):
     path = _write(tmp_path, {"zero_optimization": {"stage": 2}})
     code = (f"import sys; from neon_scale.config import load_config; load_config({str(TOY)!r}, "
@@ -55,9 +55,11 @@ def test_batch_size_must_agree_with_the_config(tmp_path):
         deepspeed_config(cfg, world=1)
 
 
+@pytest.mark.slow  # a neon command in a fresh process (over 2 s each here)
 def test_unknown_key_through_the_command(tmp_path):
     path = _write(tmp_path, {"wall_clock_breakdwn": True})
     run_dir = tmp_path / "run"
     proc = neon("run", "--config", str(TOY), "--run-dir", str(run_dir), *small_overrides(f"train.deepspeed_json={path}"))
-    assert_one_line_error(proc, str(path), "unknown DeepSpeed key 'wall_clock_breakdwn'", "wall_clock_breakdown")
+    assert_one_line_error(proc, str(path), "unknown DeepSpeed key 'wall_clock_breakdwn'", "wall_clock_breakdown",
+                          exit_code=2)
     assert not run_dir.exists()  # checked with the config, before any stage

@@ -13,8 +13,7 @@ from neon_scale.data.shards import read_shards
 from neon_scale.io import load_state_dict
 from neon_scale.metrics.classifier import ClassifierFeatures, load_classifier, save_classifier, train_classifier
 
-from .conftest import LAUNCHER, ROOT, neon, torchrun
-from .test_cli import assert_one_line_error
+from .conftest import LAUNCHER, ROOT, assert_one_line_error, neon, torchrun
 
 CONFIG = ROOT / "configs" / "digits_dit.yaml"
 # The shipped config, shrunk to seconds: same stages and code paths.
@@ -84,6 +83,7 @@ def test_shard_source(tmp_path):
 
 # ------------------------------------------------------------------------------------- classifier
 
+@pytest.mark.slow  # trains the classifier (minutes)
 def test_classifier_backbone_reaches_stated_accuracy(tmp_path):
     """The classifier the sweep trains on the digits' training split: >= 95 % held-out accuracy
     (measured 99.4 % with the default split), saved and reloaded with the same features."""
@@ -112,6 +112,7 @@ def digits_run(tmp_path_factory):  # every stage in about 30 s: in the fast loop
     return run_dir, proc.stdout
 
 
+@pytest.mark.slow  # needs the whole digits run
 def test_pixel_dit_through_every_stage(digits_run):
     run_dir, out = digits_run
     cfg = (run_dir / "config.yaml").read_text()
@@ -144,6 +145,7 @@ def test_pixel_dit_through_every_stage(digits_run):
     assert "fd_classifier" in out
 
 
+@pytest.mark.slow  # needs the whole digits run
 def test_rerun_skips_everything(digits_run):
     run_dir, _ = digits_run
     proc = neon("run", "--config", str(CONFIG), "--run-dir", str(run_dir), *_sets(*SMALL))
@@ -167,32 +169,36 @@ def test_two_ranks_train_the_base_on_a_class_folder(tmp_path):
 
 # ------------------------------------------------------------------------------------- bad input
 
+@pytest.mark.slow  # neon on the digits config (10-20 s each)
 def test_folder_with_mixed_sizes_is_one_line(tmp_path):
     folder = _digit_folder(tmp_path / "d")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(folder / "class_1" / "zz.png")
     proc = neon("run", "--config", str(CONFIG), "--run-dir", str(tmp_path / "r"), "--set", f"data.source={folder}")
-    assert_one_line_error(proc, "zz.png", "[1, 10, 10]", "[1, 8, 8]", "same size")
+    assert_one_line_error(proc, "zz.png", "[1, 10, 10]", "[1, 8, 8]", "same size", exit_code=2)
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # neon on the digits config (10-20 s each)
 def test_folder_without_images_is_one_line(tmp_path):
     (tmp_path / "d" / "empty_class").mkdir(parents=True)
     proc = neon("run", "--config", str(CONFIG), "--run-dir", str(tmp_path / "r"), "--set",
                 f"data.source={tmp_path / 'd'}")
-    assert_one_line_error(proc, str(tmp_path / "d"), "no images")
+    assert_one_line_error(proc, str(tmp_path / "d"), "no images", exit_code=2)
     proc = neon("run", "--config", str(CONFIG), "--run-dir", str(tmp_path / "r"), "--set",
                 f"data.source={tmp_path / 'nowhere'}")
-    assert_one_line_error(proc, "data.source", "nowhere", "digits")
+    assert_one_line_error(proc, "data.source", "nowhere", "digits", exit_code=2)
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # neon on the digits config (10-20 s each)
 def test_missing_dinov2_weights_is_one_line(tmp_path):
     proc = neon("run", "--config", str(CONFIG), "--run-dir", str(tmp_path / "r"), "--set", "eval.features=dinov2",
                 "--set", f"eval.dinov2_weights={tmp_path / 'dinov2_vitl14_pretrain.pth'}")
-    assert_one_line_error(proc, "eval.dinov2_weights", "dinov2_vitl14_pretrain.pth", "file not found")
+    assert_one_line_error(proc, "eval.dinov2_weights", "dinov2_vitl14_pretrain.pth", "file not found", exit_code=2)
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # neon on the digits config (10-20 s each)
 @pytest.mark.parametrize("override, needles", [
     ("model.args.image_size=16", ["model.args.image_size", "16", "data.source has 8"]),
     ("model.args.num_classes=7", ["model.args.num_classes", "7", "data.source has 10"]),
@@ -203,9 +209,10 @@ def test_missing_dinov2_weights_is_one_line(tmp_path):
 ])
 def test_config_errors(tmp_path, override, needles):
     proc = neon("run", "--config", str(CONFIG), "--run-dir", str(tmp_path / "r"), "--set", override)
-    assert_one_line_error(proc, *needles)
+    assert_one_line_error(proc, *needles, exit_code=2)
 
 
+@pytest.mark.slow  # needs the whole digits run
 def test_base_training_resumes_exactly(digits_run, tmp_path):
     """The base is trained by the fine-tune's trainer, so a killed base run resumes exactly: put
     `latest` back to the step-8 checkpoint (as a kill after it would leave it), drop what came
@@ -256,6 +263,7 @@ def test_pixel_dit_samples_and_trains_with_cfg(learn_sigma, method):
         assert samples["cls"].tolist() == [i % 10 for i in range(20)]
 
 
+@pytest.mark.slow  # neon fid with the trained classifier (about 1 min)
 def test_neon_fid_with_the_classifier_backbone(tmp_path):
     """`neon fid --features classifier` on grey PNG folders (decoded as RGB, read back as grey):
     FD_classifier and IS from the classifier's logits; a set against itself gives 0."""

@@ -12,8 +12,7 @@ from neon_scale.errors import NeonError
 from neon_scale.metrics import dinov2
 from neon_scale.metrics.dinov2 import DINOv2Features, random_dinov2_weights
 
-from .conftest import neon
-from .test_cli import assert_one_line_error
+from .conftest import assert_one_line_error, neon
 
 CPU = torch.device("cpu")
 
@@ -152,6 +151,7 @@ def test_position_embedding_matches_dinov2_resampling():
     assert model.position_embedding(37, 37) is model.pos_embed  # the training grid: unchanged
 
 
+@pytest.mark.slow  # DINOv2 features of whole folders (about 10-45 s)
 def test_random_weights_give_features_for_grey_and_rgb(vits):
     assert (vits.dim, vits.logits_dim) == (384, None)
     g = torch.Generator().manual_seed(1)
@@ -195,14 +195,16 @@ def test_bad_weights_files_are_one_line(vits_weights, tmp_path):
     assert "register tokens" in one_line(e)
 
 
+@pytest.mark.slow  # DINOv2 features of whole folders (about 10-45 s)
 def test_missing_weights_file_is_one_line(image_sets, tmp_path):
     gen, ref = (str(p) for p in image_sets)
     proc = neon("fid", gen, ref, "--features", "dinov2", "--weights", str(tmp_path / "missing.pth"))
     assert proc.returncode == 2
     assert_one_line_error(proc, "missing.pth: DINOv2 weights not found", "dinov2_vitl14_pretrain.pth",
-                          "never downloaded")
+                          "never downloaded", exit_code=2)
 
 
+@pytest.mark.slow  # DINOv2 features of whole folders (about 10-45 s)
 def test_fd_dinov2_of_two_folders(image_sets, vits_weights, tmp_path):
     gen, ref = (str(p) for p in image_sets)
     out = tmp_path / "fd.json"

@@ -48,6 +48,7 @@ def error_line(proc) -> str:
 
 # ---- through the real command -------------------------------------------------------------------
 
+@pytest.mark.slow  # separate processes waiting for peers (10-25 s)
 def test_world_of_two_without_master_addr_names_it(clean_env, run_dir):
     proc = train(run_dir, {"RANK": "1", "WORLD_SIZE": "2"})
     line = error_line(proc)
@@ -59,6 +60,7 @@ def test_world_of_two_without_master_addr_names_it(clean_env, run_dir):
     assert not run_dir.exists()
 
 
+@pytest.mark.slow  # separate processes waiting for peers (10-25 s)
 @pytest.mark.parametrize("env, needle", [
     ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be at least 1"),
     ({"RANK": "-1", "WORLD_SIZE": "2", **PEER}, "RANK=-1 is negative"),
@@ -70,6 +72,7 @@ def test_inconsistent_environment_is_one_line(clean_env, run_dir, env, needle):
     assert not run_dir.exists()
 
 
+@pytest.mark.slow  # separate processes waiting for peers (10-25 s)
 @pytest.mark.parametrize("rank", [1, 0])  # 1: no server to reach; 0: serves, but the peer never joins
 def test_missing_peer_times_out_with_one_line(clean_env, run_dir, rank):
     port = free_port()

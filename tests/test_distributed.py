@@ -11,6 +11,8 @@ from neon_scale.data.shards import read_shards
 
 from .conftest import LAUNCHER, TOY, neon, small_overrides, torchrun
 
+pytestmark = pytest.mark.slow  # whole runs on 2 ranks: `pytest -m 'not slow'` skips them
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

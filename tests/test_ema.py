@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 
 from .conftest import ROOT, neon, torchrun
 
+pytestmark = pytest.mark.slow  # torchrun runs on 2 ranks: `pytest -m 'not slow'` skips them
+
 WORKER = ROOT / "tests" / "ema_worker.py"
 
 

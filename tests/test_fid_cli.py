@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import LAUNCHER, neon, torchrun
-from .test_cli import assert_one_line_error
+from .conftest import LAUNCHER, assert_one_line_error, neon, torchrun
+
+pytestmark = pytest.mark.slow  # neon fid runs on random Inception weights (10-70 s each): not in the fast loop
 
 
+@pytest.mark.slow  # 2 ranks through torchrun
 def test_two_ranks_equal_one_rank(image_sets, inception_weights, tmp_path):
     gen, ref = image_sets
     args = [str(gen), str(ref), "--weights", str(inception_weights), "--metrics", "fid,isc,kid,prc",
@@ -46,7 +48,7 @@ def test_unreadable_image_is_named_or_skipped(gen_copy, image_sets, inception_we
     base = [str(gen_copy), str(image_sets[1]), "--weights", str(inception_weights), "--workers", "1"]
     out = tmp_path / "out.json"
     proc = neon("fid", *base, "--json", str(out))
-    assert_one_line_error(proc, "00003.png: unreadable image", "--skip-bad")
+    assert_one_line_error(proc, "00003.png: unreadable image", "--skip-bad", exit_code=2)
     assert not out.exists()
     proc = neon("fid", *base, "--skip-bad", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -64,17 +66,17 @@ def test_bad_npz_and_stats_files(image_sets, inception_weights, tmp_path):
     weights = ["--weights", str(inception_weights)]
     np.savez(tmp_path / "gray.npz", arr_0=np.zeros((4, 16, 16), np.uint8))
     assert_one_line_error(neon("fid", str(tmp_path / "gray.npz"), "--ref", _stats(tmp_path / "s.npz", 2048), *weights),
-                          "gray.npz", "'arr_0' must be uint8 [N, H, W, 3]", "[4, 16, 16]")
+                          "gray.npz", "'arr_0' must be uint8 [N, H, W, 3]", "[4, 16, 16]", exit_code=2)
     no_sigma = _stats(tmp_path / "nosigma.npz", 2048, sigma=True)
     assert_one_line_error(neon("fid", str(image_sets[0]), "--ref", no_sigma, *weights),
-                          "nosigma.npz", "needs keys 'mu' and 'sigma'")
+                          "nosigma.npz", "needs keys 'mu' and 'sigma'", exit_code=2)
     proc = neon("fid", _stats(tmp_path / "a.npz", 2048), _stats(tmp_path / "b.npz", 64), *weights)
-    assert_one_line_error(proc, "feature dimensions differ", "a.npz has 2048", "b.npz has 64")
+    assert_one_line_error(proc, "feature dimensions differ", "a.npz has 2048", "b.npz has 64", exit_code=2)
     proc = neon("fid", str(image_sets[0]), "--ref", _stats(tmp_path / "r.npz", 2048), "--metrics", "kid", *weights)
-    assert_one_line_error(proc, "r.npz", "kid and prc need reference images")
+    assert_one_line_error(proc, "r.npz", "kid and prc need reference images", exit_code=2)
     (tmp_path / "notzip.npz").write_bytes(b"nonsense")
     assert_one_line_error(neon("fid", str(image_sets[0]), "--ref", str(tmp_path / "notzip.npz"), *weights),
-                          "notzip.npz")
+                          "notzip.npz", exit_code=2)
 
 
 def test_bad_weights_files(image_sets, inception_weights, tmp_path):
@@ -83,26 +85,27 @@ def test_bad_weights_files(image_sets, inception_weights, tmp_path):
     state["Mixed_5b.branch1x1.conv.weightt"] = state.pop("Mixed_5b.branch1x1.conv.weight")
     torch.save(state, tmp_path / "renamed.pth")
     assert_one_line_error(neon("fid", gen, ref, "--weights", str(tmp_path / "renamed.pth")),
-                          "renamed.pth", "missing key 'Mixed_5b.branch1x1.conv.weight'")
+                          "renamed.pth", "missing key 'Mixed_5b.branch1x1.conv.weight'", exit_code=2)
     state = torch.load(inception_weights, weights_only=True)
     state["fc.weight"] = state["fc.weight"][:10]
     torch.save(state, tmp_path / "small_fc.pth")
     assert_one_line_error(neon("fid", gen, ref, "--weights", str(tmp_path / "small_fc.pth")),
-                          "key 'fc.weight' has shape (10, 2048)", "(1008, 2048)")
+                          "key 'fc.weight' has shape (10, 2048)", "(1008, 2048)", exit_code=2)
     assert_one_line_error(neon("fid", gen, ref, "--weights", str(tmp_path / "missing.pth")),
-                          "missing.pth: Inception weights not found", "github.com/toshas/torch-fidelity")
+                          "missing.pth: Inception weights not found", "github.com/toshas/torch-fidelity", exit_code=2)
     torch.save({"model": {"x": torch.zeros(1)}, "step": 3}, tmp_path / "nested.pth")
-    assert_one_line_error(neon("fid", gen, ref, "--weights", str(tmp_path / "nested.pth")), "nested.pth")
+    assert_one_line_error(neon("fid", gen, ref, "--weights", str(tmp_path / "nested.pth")), "nested.pth", exit_code=2)
 
 
 def test_unknown_metric_and_missing_input(image_sets, inception_weights, tmp_path):
     weights = ["--weights", str(inception_weights)]
     assert_one_line_error(neon("fid", str(image_sets[0]), str(image_sets[1]), "--metrics", "fid,lpips", *weights),
-                          "unknown metric 'lpips'")
-    assert_one_line_error(neon("fid", str(tmp_path / "nowhere"), "--ref", "x.npz", *weights), "nowhere: input not found")
+                          "unknown metric 'lpips'", exit_code=2)
+    assert_one_line_error(neon("fid", str(tmp_path / "nowhere"), "--ref", "x.npz", *weights), "nowhere: input not found",
+                          exit_code=2)
     (tmp_path / "empty").mkdir()
     assert_one_line_error(neon("fid", str(tmp_path / "empty"), str(image_sets[1]), *weights),
-                          "empty: no .png/.jpg/.jpeg images")
+                          "empty: no .png/.jpg/.jpeg images", exit_code=2)
 
 
 def test_feature_backbone_choice_errors(image_sets, tmp_path):
@@ -115,8 +118,8 @@ def test_feature_backbone_choice_errors(image_sets, tmp_path):
     random_dinov2_weights(weights, (64, 1))
     dino = ["--features", "dinov2", "--weights", str(weights)]
     assert_one_line_error(neon("fid", gen, ref, "--features", "clip", "--weights", str(weights)),
-                          "--features: unknown feature backbone 'clip'", "inception, dinov2, classifier")
-    assert_one_line_error(neon("fid", gen, *dino), "--metrics isc", "dinov2 features have no class logits")
-    assert_one_line_error(neon("fid", gen, ref, "--metrics", "fid,isc", *dino), "no class logits")
+                          "--features: unknown feature backbone 'clip'", "inception, dinov2, classifier", exit_code=2)
+    assert_one_line_error(neon("fid", gen, *dino), "--metrics isc", "dinov2 features have no class logits", exit_code=2)
+    assert_one_line_error(neon("fid", gen, ref, "--metrics", "fid,isc", *dino), "no class logits", exit_code=2)
     proc = neon("fid", gen, "--ref", _stats(tmp_path / "incep.npz", 2048), *dino)
-    assert_one_line_error(proc, "feature dimensions differ", "has 64", "incep.npz has 2048")
+    assert_one_line_error(proc, "feature dimensions differ", "has 64", "incep.npz has 2048", exit_code=2)

@@ -1,6 +1,7 @@
 """The sweep's in-memory evaluation of an image model: uint8 samples go straight from the sampler to
 the Inception extractor (no PNG round trip) and the FID equals torch-fidelity's on the same images
 against the same reference statistics."""
+import pytest
 import torch
 from torch_fidelity.datasets import ImagesPathDataset
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -17,6 +18,8 @@ from neon_scale.stages.evaluate import SampleMetric, evaluate
 from neon_scale.specs.base import ModelSpec
 
 from .conftest import UInt8Images
+
+pytestmark = pytest.mark.slow  # InceptionV3 on CPU against torch-fidelity (1-2 min): not in the fast loop
 
 
 class _Upsampler(torch.nn.Module):

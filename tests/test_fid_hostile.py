@@ -1,14 +1,14 @@
 """`neon fid` on hostile and broken inputs: a stats `sigma` that is no covariance, backbone weights
 holding NaN/inf, metrics that come out non-finite, an input left with fewer than 2 images. Each is
 one error line naming the file (and key or metric), exit 2, and no --json / --save-stats file."""
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from .conftest import neon, write_image_set
-from .test_cli import assert_one_line_error
+from .conftest import assert_one_line_error, neon, write_image_set
+
+pytestmark = pytest.mark.slow  # neon fid runs on random Inception weights (3-40 s each): not in the fast loop
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def outs(tmp_path):
 
 
 def assert_refused(proc, folder, *needles):
-    assert_one_line_error(proc, *needles)
+    assert_one_line_error(proc, *needles, exit_code=2)
     assert proc.returncode == 2, proc.stderr
     assert not any(folder.iterdir()), sorted(folder.iterdir())  # no output, no temporary file either
 

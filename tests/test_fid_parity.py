@@ -26,6 +26,7 @@ def fidelity(input1, input2, weights, **metrics):
                                             feature_extractor_weights_path=str(weights), **metrics)
 
 
+@pytest.mark.slow  # InceptionV3 on CPU (the random weights made first)
 def test_folder_inputs_match_torch_fidelity(image_sets, inception_weights, tmp_path):
     gen, ref = image_sets
     out = tmp_path / "fid.json"
@@ -49,6 +50,7 @@ def _random_images(n, seed, h, w, scale):
     return (up * 255 * scale + torch.rand(n, 3, h, w, generator=g) * 40).clamp(0, 255).to(torch.uint8)
 
 
+@pytest.mark.slow  # InceptionV3 on CPU (the random weights made first)
 def test_in_memory_batches_match_torch_fidelity(inception_weights):
     gen, ref = _random_images(30, 0, 37, 53, 0.9), _random_images(22, 1, 64, 64, 0.6)
     features = InceptionFeatures(str(inception_weights), batch_size=8)
@@ -70,6 +72,7 @@ def test_in_memory_batches_match_torch_fidelity(inception_weights):
     np.testing.assert_allclose(nhwc.finish()["mu"], stats["gen"]["mu"], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # InceptionV3 on CPU (the random weights made first)
 def test_every_input_form_gives_the_same_statistics(image_sets, inception_weights, tmp_path):
     from neon_scale.data.shards import write_shard
     from neon_scale.metrics.inputs import FolderSource
@@ -111,9 +114,10 @@ def test_stats_roundtrip_and_dimension_check(tmp_path):
         assert f["mu"].dtype == np.float64 and int(f["n"]) == 50
 
 
+@pytest.mark.slow  # InceptionV3 on CPU (the random weights made first)
 @pytest.mark.parametrize("metrics", ["fid", "kid"])
 def test_metric_needs_a_second_input(image_sets, inception_weights, metrics):
-    from .test_cli import assert_one_line_error
+    from .conftest import assert_one_line_error
 
     proc = neon("fid", str(image_sets[0]), "--weights", str(inception_weights), "--metrics", metrics)
-    assert_one_line_error(proc, "needs a second input")
+    assert_one_line_error(proc, "needs a second input", exit_code=2)

@@ -133,6 +133,7 @@ def test_compiled_op_checks_its_inputs():
         ops.preprocess(torch.zeros(3, 4, 4, dtype=torch.uint8), False, 299, False)
 
 
+@pytest.mark.slow  # a fresh process (over 2 s)
 def test_fallback_warns_once_without_extension():
     code = (
         "import sys, warnings\n"

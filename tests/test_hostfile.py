@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, assert_one_line_error
 
 SCRIPT = ROOT / "launchers" / "hostfile.py"
 SBATCH = {name: ROOT / "launchers" / "slurm" / f"{name}.sbatch" for name in ("neon", "eval", "fid")}
@@ -44,15 +44,6 @@ def fake_bin(tmp_path, gpu=False):
         (bin_dir / name).chmod(0o755)
     (bin_dir / "python").symlink_to(sys.executable)
     return bin_dir
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    for needle in needles:
-        assert needle in lines[0]
 
 
 # --- node lists ---------------------------------------------------------------------------
@@ -181,7 +172,7 @@ def test_unknown_launcher_is_one_line_exit_2(tmp_path):
     env_file = tmp_path / "job.env"
     env_file.write_text(FAKE_JOB + "NEON_LAUNCHER=mpirun\n")
     assert_one_line_error(run_cli("--dry-run", "--env-file", str(env_file), "--", *NEON_ARGS, cwd=tmp_path),
-                          "NEON_LAUNCHER='mpirun': choose srun or deepspeed")
+                          "NEON_LAUNCHER='mpirun': choose srun or deepspeed", exit_code=2, warnings_ok=False)
 
 
 def test_run_execs_srun_without_a_hostfile(tmp_path):
@@ -214,11 +205,11 @@ def test_missing_nodelist_is_one_line_exit_2(tmp_path):
     env_file = tmp_path / "job.env"
     env_file.write_text("SLURM_GPUS_ON_NODE=4\n")
     assert_one_line_error(run_cli("--dry-run", "--env-file", str(env_file), "--", *NEON_ARGS, cwd=tmp_path),
-                          "SLURM_JOB_NODELIST is not set")
+                          "SLURM_JOB_NODELIST is not set", exit_code=2, warnings_ok=False)
     # from the real environment, and not a dry run: stops before writing or launching anything
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = run_cli("--", *NEON_ARGS, cwd=tmp_path, env=env, path_prefix=fake_bin(tmp_path))
-    assert_one_line_error(proc, "SLURM_JOB_NODELIST is not set")
+    assert_one_line_error(proc, "SLURM_JOB_NODELIST is not set", exit_code=2, warnings_ok=False)
     assert proc.stdout == "" and not (tmp_path / "logs").exists()
 
 
@@ -232,7 +223,7 @@ def test_bad_environment_is_one_line_exit_2(tmp_path, content, needle):
     env_file = tmp_path / "job.env"
     env_file.write_text(content)
     assert_one_line_error(run_cli("--dry-run", "--env-file", str(env_file), "--", *NEON_ARGS, cwd=tmp_path),
-                          needle)
+                          needle, exit_code=2, warnings_ok=False)
 
 
 # --- write_hostfile ---------------------------------------------------------------------------

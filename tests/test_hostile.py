@@ -14,8 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from neon_scale.merge.extrapolate import extrapolate_state
 
-from .conftest import TOY, neon, small_overrides
-from .test_cli import assert_one_line_error
+from .conftest import TOY, assert_one_line_error, neon, small_overrides
 
 SAMPLER = "zeta=1.1"
 
@@ -66,6 +65,7 @@ def _plant(path: pathlib.Path, marker: pathlib.Path) -> None:
     torch.save(obj, path)
 
 
+@pytest.mark.slow  # needs the trained toy run
 def test_a_pickle_in_a_training_checkpoint_is_never_run(trained, tmp_path):
     run_dir = _copy(trained, tmp_path)
     out = run_dir / "train" / SAMPLER
@@ -78,12 +78,12 @@ def test_a_pickle_in_a_training_checkpoint_is_never_run(trained, tmp_path):
         done.unlink()
 
     proc = neon("train", *_toy_args(run_dir))  # resume reads the planted file
-    assert_one_line_error(proc, str(planted), "open'", "not on the allow-list", "--trust-pickles")
+    assert_one_line_error(proc, str(planted), "open'", "not on the allow-list", "--trust-pickles", exit_code=2)
     proc = neon("consolidate", str(ckpt), "--tag", "step000009", "-o", str(tmp_path / "cons"))
-    assert_one_line_error(proc, str(planted), "open'")
+    assert_one_line_error(proc, str(planted), "open'", exit_code=2)
     proc = neon("merge", str(run_dir / "base" / "model.safetensors"), str(ckpt), "--tag", "step000009", "--w", "1",
                 "-o", str(tmp_path / "merged"))
-    assert_one_line_error(proc, str(planted), "open'")
+    assert_one_line_error(proc, str(planted), "open'", exit_code=2)
     assert not marker.exists()
     assert not (tmp_path / "cons").exists() and not (tmp_path / "merged").exists()
 
@@ -120,7 +120,7 @@ def test_merge_refuses_a_lying_safetensors_header(tmp_path, header, size, needle
     save_file({"a": torch.zeros(4), "b": torch.zeros(4)}, str(tmp_path / "self.safetensors"))
     proc = neon("merge", str(tmp_path / "base.safetensors"), str(tmp_path / "self.safetensors"), "--w", "1",
                 "-o", str(tmp_path / "out"))
-    assert_one_line_error(proc, "base.safetensors", needle)
+    assert_one_line_error(proc, "base.safetensors", needle, exit_code=2)
     assert proc.returncode == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "self.safetensors"]
 
@@ -148,11 +148,12 @@ def test_hostile_w_values_write_nothing(pair, ws, needle):
     d, _, _ = pair
     args = [a for w in ws for a in ("--w", w)]
     proc = neon("merge", str(d / "base.safetensors"), str(d / "self.safetensors"), *args, "-o", str(d / "out"))
-    assert_one_line_error(proc, needle)
+    assert_one_line_error(proc, needle, exit_code=2)
     assert proc.returncode == 2
     assert sorted(p.name for p in d.iterdir()) == ["base.safetensors", "self.safetensors"]
 
 
+@pytest.mark.slow  # a neon command in a fresh process (over 2 s each here)
 def test_negative_w_with_or_without_equals(pair):
     d, base, synth = pair
     proc = neon("merge", str(d / "base.safetensors"), str(d / "self.safetensors"), "--w", "-0.5", "--w", "-1e-3",
@@ -165,6 +166,7 @@ def test_negative_w_with_or_without_equals(pair):
 
 # ------------------------------------------------------------------------- config values
 
+@pytest.mark.slow  # a neon command in a fresh process (over 2 s each here)
 @pytest.mark.parametrize("setting, needle", [
     ("sweep.w_min=.nan", "'sweep.w_min' = nan is not a finite number"),
     ("sweep.w_max=.inf", "'sweep.w_max' = inf is not a finite number"),
@@ -179,7 +181,7 @@ def test_negative_w_with_or_without_equals(pair):
 ])
 def test_config_values_that_cannot_work_are_refused_before_anything_is_written(run_dir, setting, needle):
     proc = neon("run", "--config", str(TOY), "--run-dir", str(run_dir), "--set", setting, timeout=60)
-    assert_one_line_error(proc, needle)
+    assert_one_line_error(proc, needle, exit_code=2)
     assert proc.returncode == 2 and not run_dir.exists()
 
 
@@ -203,6 +205,7 @@ def umask_022():
     os.umask(old)
 
 
+@pytest.mark.slow  # needs the trained toy run
 def test_outputs_get_the_mode_the_umask_gives(trained, tmp_path, umask_022):
     run_dir = trained
     assert _modes_readable(run_dir) == []
@@ -214,6 +217,7 @@ def test_outputs_get_the_mode_the_umask_gives(trained, tmp_path, umask_022):
     assert _modes_readable(tmp_path / "cons") == [] and _modes_readable(tmp_path / "merged") == []
 
 
+@pytest.mark.slow  # needs the trained toy run
 def test_stale_temporaries_of_killed_runs_are_removed(trained, tmp_path):
     run_dir = _copy(trained, tmp_path)
     stale = [run_dir / "base" / ".done.json.k1l2.tmp", run_dir / "synth" / SAMPLER / ".manifest.json.abc.tmp",
@@ -241,7 +245,7 @@ def test_stale_temporaries_of_killed_runs_are_removed(trained, tmp_path):
     aside = tmp_path / ".merged.old-123-456"
     os.replace(out, aside)  # as if killed between the two renames of --overwrite
     proc = neon("merge", base, theta, "--w", "1", "-o", str(out))
-    assert_one_line_error(proc, "already exists")  # the old OUT is back, so no overwrite without asking
+    assert_one_line_error(proc, "already exists", exit_code=2)  # the old OUT is back, so no overwrite without asking
     assert load_file(str(out / "model.safetensors")) and not aside.exists() and not partial.exists()
 
 
@@ -261,26 +265,29 @@ def small_disk(tmp_path, request):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.slow  # a neon command in a fresh process (over 2 s each here)
 def test_a_full_disk_is_one_line_naming_the_file(small_disk, tmp_path):
     big = {"w": torch.randn(600_000)}  # 2.4 MB: more than the disk holds
     save_file(big, str(tmp_path / "base.safetensors"))
     save_file({"w": big["w"] + 1}, str(tmp_path / "self.safetensors"))
     proc = neon("merge", str(tmp_path / "base.safetensors"), str(tmp_path / "self.safetensors"), "--w", "1",
                 "-o", str(small_disk / "out"))
-    assert_one_line_error(proc, str(small_disk / "out"), "no space left on device")
+    assert_one_line_error(proc, str(small_disk / "out"), "no space left on device", exit_code=2)
     assert proc.returncode == 2 and list(small_disk.iterdir()) == []
 
 
+@pytest.mark.slow  # a whole toy run on a small disk
 @pytest.mark.parametrize("small_disk, settings, needle", [
     ("1536k", ["synth.n=20000", "synth.shard_size=20000"], "shard-000000.tar: no space left on device"),
     ("1000k", [], "step000003: no space left on device while DeepSpeed saved the checkpoint"),  # synth fits
 ], indirect=["small_disk"])
 def test_a_run_on_a_full_disk_stops_with_one_line(small_disk, settings, needle):
     proc = neon("run", *_toy_args(small_disk / "run", "train.ckpt_every_images=1200", *settings))
-    assert_one_line_error(proc, needle)
+    assert_one_line_error(proc, needle, exit_code=2)
     assert proc.returncode == 2
 
 
+@pytest.mark.slow  # a neon command in a fresh process (over 2 s each here)
 def test_fid_outputs_clear_the_temporaries_of_a_killed_run(tmp_path):
     import numpy as np
 

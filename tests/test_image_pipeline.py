@@ -14,8 +14,7 @@ from neon_scale.data.shards import read_shards, write_shard
 from neon_scale.io import load_into, load_state_dict
 from neon_scale.specs.registry import get_spec
 
-from .conftest import LAUNCHER, ROOT, neon, torchrun
-from .test_cli import assert_one_line_error
+from .conftest import LAUNCHER, ROOT, assert_one_line_error, neon, torchrun
 
 pytestmark = pytest.mark.slow  # whole runs on 2 ranks: `pytest -m 'not slow'` skips them
 
@@ -124,14 +123,14 @@ def test_wrong_model_size_checkpoint_names_key_and_shapes(name, tiny_assets, tmp
     torch.save({"model": spec.build(bigger).state_dict()}, path)
     proc = neon("run", "--config", str(CONFIGS[name]), "--run-dir", str(tmp_path / "r"), *tiny_assets,
                 "--set", f"base.weights={path}", "--set", "base.random_init=false")
-    assert_one_line_error(proc, str(path), "has shape", "96", "the model expects")
+    assert_one_line_error(proc, str(path), "has shape", "96", "the model expects", exit_code=2)
 
 
 @pytest.mark.parametrize("name", ["dit", "xar"])
 def test_missing_vae_file_is_named(name, tiny_assets, tmp_path):
     proc = neon("run", "--config", str(CONFIGS[name]), "--run-dir", str(tmp_path / "r"), *tiny_assets,
                 "--set", f"model.args.vae={tmp_path / 'nope.ckpt'}")
-    assert_one_line_error(proc, "model.args.vae", "nope.ckpt", "file not found", "VAE")
+    assert_one_line_error(proc, "model.args.vae", "nope.ckpt", "file not found", "VAE", exit_code=2)
     assert not (tmp_path / "r").exists()
 
 
@@ -149,7 +148,7 @@ def test_class_label_out_of_range_in_a_synthetic_set(one_rank, tiny_assets, tmp_
     write_shard(shard, {**cols, "cls": labels}, {}, key_prefix="000000")
     shutil.rmtree(copy / "train")
     proc = neon("train", "--config", str(CONFIGS[name]), "--run-dir", str(copy), *tiny_assets)
-    assert_one_line_error(proc, f"class label {bad} is out of range [0, {args.num_classes}]")
+    assert_one_line_error(proc, f"class label {bad} is out of range [0, {args.num_classes}]", exit_code=2)
 
 
 @pytest.mark.parametrize("config", ["dit_xl2_in256", "xar_b_in256", "xar_l_in256", "xar_h_in256"])
@@ -166,7 +165,7 @@ def test_full_size_configs_name_each_missing_file(config, tmp_path):
     assert cfg.train.global_batch == 256 and cfg.synth.n == 30000
     for missing in files:
         proc = neon("run", "--config", str(path), *sum((["--set", s] for s in sets if not s.startswith(missing + "=")), []))
-        assert_one_line_error(proc, f"'{missing}'", "file not found")
+        assert_one_line_error(proc, f"'{missing}'", "file not found", exit_code=2)
 
 
 @pytest.mark.parametrize("layout", ["bare", "xar_train", "mar_train"])

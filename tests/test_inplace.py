@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from neon_scale.merge.merge_files import merge_checkpoints
 from neon_scale.merge.extrapolate import extrapolate_state
 from neon_scale.merge.inplace import Extrapolator, apply_delta, delta_of, module_slots
-from neon_scale.merge.tensors import open_source
+from neon_scale.merge.open import open_source
 
 from .conftest import ROOT, torchrun
 from .inplace_zero3_worker import TinyNet
@@ -45,6 +45,7 @@ def test_module_sweep_helper_matches_the_offline_merge_for_every_w():
                    for k in ref)
 
 
+@pytest.mark.slow  # real engines on 2 ranks through torchrun
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_zero3_in_place_merge_on_2_ranks_equals_offline_merge(tmp_path, precision):
     base, synth = _states(1)

@@ -29,7 +29,8 @@ def _strace_works() -> bool:
     return probe.returncode == 0
 
 
-pytestmark = pytest.mark.skipif(not _strace_works(), reason="strace is absent or cannot inject faults here")
+pytestmark = [pytest.mark.skipif(not _strace_works(), reason="strace is absent or cannot inject faults here"),
+              pytest.mark.slow]  # neon runs killed at many points: `pytest -m 'not slow'` skips them
 
 
 def killed_at(call: str, n: int, *args: str) -> subprocess.CompletedProcess:

@@ -18,8 +18,7 @@ from safetensors.torch import load_file, save_file
 from neon_scale.io import remove_stale
 from neon_scale.lock import Locked, describe_holder, hold, lock_path_for
 
-from .conftest import LAUNCHER, ROOT, TOY, neon, small_overrides, torchrun
-from .test_cli import assert_one_line_error
+from .conftest import LAUNCHER, ROOT, TOY, assert_one_line_error, kill, neon, small_overrides, torchrun
 
 # holds the lock on argv[1] until a line arrives on stdin (then releases it normally); a fork
 # child started inside with argv[3] == "fork" sleeps on, to show it does not keep the lock
@@ -60,8 +59,7 @@ class Holder:
         assert self.proc.returncode == 0
 
     def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        kill(self.proc, children=False)  # its fork child, if any, lives on
 
     def __enter__(self):
         return self
@@ -78,6 +76,7 @@ def holder_text(pid: int, job: str | None = None) -> str:
 
 # ------------------------------------------------------------------------------------------- unit
 
+@pytest.mark.slow  # neon commands or lock holders in fresh processes (2-10 s)
 def test_second_holder_fails_at_once_naming_the_holder(tmp_path):
     path = tmp_path / ".lock"
     with Holder(path, env_extra={"SLURM_JOB_ID": "567"}) as holder:
@@ -123,6 +122,7 @@ def test_a_forked_child_of_a_killed_holder_does_not_keep_the_lock(tmp_path):
             os.kill(holder.child, signal.SIGKILL)
 
 
+@pytest.mark.slow  # neon commands or lock holders in fresh processes (2-10 s)
 def test_half_written_holder_record_is_holder_unknown(tmp_path):
     path = tmp_path / ".lock"
     with Holder(path) as holder:
@@ -162,6 +162,7 @@ print(got, overlaps)
 """
 
 
+@pytest.mark.slow  # neon commands or lock holders in fresh processes (2-10 s)
 def test_contending_processes_never_hold_at_once(tmp_path):
     """Acquire/release loops in 3 processes: the unlink on release races with others' open+flock
     (an old inode locked after the unlink); the inode re-check must keep the holder unique."""
@@ -200,6 +201,7 @@ def _snapshot(d: pathlib.Path) -> dict:
     return {str(p.relative_to(d)): (p.stat().st_ino, p.read_bytes()) for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # neon commands or lock holders in fresh processes (2-10 s)
 def test_merge_on_a_locked_out_fails_naming_the_holder_and_leaves_out_alone(pair):
     d = pair
     inputs = [str(d / "base.safetensors"), str(d / "self.safetensors")]
@@ -215,7 +217,7 @@ def test_merge_on_a_locked_out_fails_naming_the_holder_and_leaves_out_alone(pair
         elapsed = time.monotonic() - start
         assert proc.returncode == 2
         assert_one_line_error(proc, f"{out} is in use by pid {holder.pid} on host {socket.gethostname()}",
-                              "wait for it to finish or stop it")
+                              "wait for it to finish or stop it", exit_code=2)
         assert elapsed < 20, elapsed
         assert _snapshot(out) == before  # same files, same inodes: not swapped, not touched
         assert sorted(p.name for p in d.iterdir()) == [".out.lock", "base.safetensors", "out", "self.safetensors"]
@@ -227,6 +229,7 @@ def test_merge_on_a_locked_out_fails_naming_the_holder_and_leaves_out_alone(pair
     assert sorted(p.name for p in d.iterdir()) == ["base.safetensors", "out", "self.safetensors"]
 
 
+@pytest.mark.slow  # neon commands or lock holders in fresh processes (2-10 s)
 def test_a_failed_merge_leaves_no_lock_and_no_folders(pair):
     d = pair
     save_file({"a": torch.zeros(3)}, str(d / "other.safetensors"))  # shape mismatch: stops before writing
@@ -236,6 +239,7 @@ def test_a_failed_merge_leaves_no_lock_and_no_folders(pair):
     assert sorted(p.name for p in d.iterdir()) == ["base.safetensors", "other.safetensors", "self.safetensors"]
 
 
+@pytest.mark.slow  # neon commands or lock holders in fresh processes (2-10 s)
 def test_consolidate_on_a_locked_out_fails_naming_the_holder(tmp_path):
     ckpt = tmp_path / "ckpt"
     (ckpt / "step000001").mkdir(parents=True)
@@ -247,7 +251,7 @@ def test_consolidate_on_a_locked_out_fails_naming_the_holder(tmp_path):
     with Holder(lock_path_for(out)) as holder:
         proc = neon("consolidate", str(ckpt), "-o", str(out), "--overwrite")
         assert proc.returncode == 2
-        assert_one_line_error(proc, f"{out} is in use by pid {holder.pid} on host {socket.gethostname()}")
+        assert_one_line_error(proc, f"{out} is in use by pid {holder.pid} on host {socket.gethostname()}", exit_code=2)
         assert _snapshot(out) == before
         holder.release()
     # free: consolidate runs (and fails on the empty checkpoint), and leaves neither lock nor partial
@@ -281,7 +285,7 @@ def _wait_for_holder(proc: subprocess.Popen, lock: pathlib.Path, timeout=300) ->
         if proc.poll() is not None:
             pytest.fail(f"the first run ended before it held the lock: {proc.communicate()[1][-2000:]}")
         time.sleep(0.05)
-    proc.kill()
+    kill(proc)
     pytest.fail("the first run never took the lock")
 
 
@@ -304,9 +308,9 @@ def test_second_run_on_a_busy_run_dir_fails_at_once_and_the_first_is_unharmed(tm
         out, err = first.communicate(timeout=600)
     finally:
         if first.poll() is None:
-            first.kill()
+            kill(first)
     assert second.returncode == 2
-    assert_one_line_error(second, f"{busy} is in use by pid {first.pid} on host {socket.gethostname()}")
+    assert_one_line_error(second, f"{busy} is in use by pid {first.pid} on host {socket.gethostname()}", exit_code=2)
     assert elapsed < 20, elapsed
     assert first.returncode == 0, err
     assert not (busy / ".lock").exists()
@@ -324,6 +328,7 @@ def test_second_run_on_a_busy_run_dir_fails_at_once_and_the_first_is_unharmed(tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # 2 ranks through torchrun
 def test_two_ranks_on_a_locked_run_dir_both_fail_with_the_line(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -56,7 +56,7 @@ def test_policy_non_float_non_finite_and_missing_keys():
     assert torch.isnan(out["mask"][3])
     assert torch.equal(out["steps"], base["steps"]) and out["steps"].dtype == torch.int64
     assert torch.equal(out["only_base"], base["only_base"])
-    assert report.copied_non_float == ["steps"] and report.missing_in_synth == ["only_base"]
+    assert report.copied_non_float == ["steps"] and report.missing_in_theta_s == ["only_base"]
     assert report.non_finite_elements == 3 and report.merged == 2
 
 

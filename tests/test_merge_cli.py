@@ -9,10 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from neon_scale.merge.extrapolate import extrapolate_state
-from neon_scale.merge.tensors import SafetensorsSource
+from neon_scale.merge.sources import SafetensorsSource
 
-from .conftest import neon
-from .test_cli import assert_one_line_error
+from .conftest import assert_one_line_error, neon
 
 
 def _pair(seed=0):
@@ -49,6 +48,7 @@ def files(tmp_path):
     return tmp_path, base, synth
 
 
+@pytest.mark.slow  # a neon command in a fresh process (over 2 s each here)
 def test_safetensors_files_several_w_and_policy_summary(files):
     d, base, synth = files
     proc = neon("merge", str(d / "base.safetensors"), str(d / "synth.safetensors"), "--w", "1.5", "--w", "-0.5", "-o", str(d / "out"))
@@ -62,6 +62,7 @@ def test_safetensors_files_several_w_and_policy_summary(files):
     assert out["dec.mask"][1].item() == float("-inf") and torch.equal(out["dec.steps"], base["dec.steps"])
 
 
+@pytest.mark.slow  # a neon command in a fresh process (over 2 s each here)
 def test_sharded_output_with_index_and_dtype(files):
     d, base, synth = files
     proc = neon("merge", str(d / "base.safetensors"), str(d / "synth.safetensors"), "--w", "1", "-o", str(d / "out"),
@@ -90,6 +91,7 @@ def test_sharded_output_with_index_and_dtype(files):
     _assert_equal_states(_read(d / "again" / "model.safetensors"), got)
 
 
+@pytest.mark.slow  # a neon command in a fresh process (over 2 s each here)
 def test_torch_files_with_key_selection(files):
     d, base, synth = files
     torch.save({"model": base, "ema": synth, "args": argparse.Namespace(lr=1.0)}, d / "two.pt")  # DiT's train.py
@@ -104,9 +106,9 @@ def test_torch_files_with_key_selection(files):
         assert proc.returncode == 0, proc.stderr
         _assert_equal_states(_read(out / "model.safetensors"), ref)
     proc = neon("merge", str(d / "base.safetensors"), str(d / "amb.pt"), "--w", "2", "-o", str(d / "amb"))
-    assert_one_line_error(proc, "amb.pt", "several state dicts ['model', 'state_dict']", "key")
+    assert_one_line_error(proc, "amb.pt", "several state dicts ['model', 'state_dict']", "key", exit_code=2)
     proc = neon("merge", str(d / "base.safetensors"), str(d / "two.pt"), "--w", "2", "-o", str(d / "bad"), "--key", "emaa")
-    assert_one_line_error(proc, "two.pt", "no sub-dict key 'emaa'", "'ema'", "'model'")
+    assert_one_line_error(proc, "two.pt", "no sub-dict key 'emaa'", "'ema'", "'model'", exit_code=2)
     assert not (d / "amb").exists() and not (d / "bad").exists()
 
 
@@ -124,29 +126,30 @@ def test_policy_errors_write_nothing(files, change, needles):
     d, base, synth = files
     change(synth)
     proc = neon("merge", str(d / "base.safetensors"), _bad_synth(d, synth), "--w", "1", "-o", str(d / "out"))
-    assert_one_line_error(proc, *needles)
+    assert_one_line_error(proc, *needles, exit_code=2)
     assert sorted(p.name for p in d.iterdir()) == ["bad.safetensors", "base.safetensors", "synth.safetensors"]
 
 
+@pytest.mark.slow  # a neon command in a fresh process (over 2 s each here)
 def test_truncated_unreadable_and_existing_paths(files):
     d, base, synth = files
     raw = (d / "synth.safetensors").read_bytes()
     (d / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
     proc = neon("merge", str(d / "base.safetensors"), str(d / "trunc.safetensors"), "--w", "1", "-o", str(d / "out"))
-    assert_one_line_error(proc, "trunc.safetensors")
+    assert_one_line_error(proc, "trunc.safetensors", exit_code=2)
     proc = neon("merge", str(d / "base.safetensors"), str(d / "nope.safetensors"), "--w", "1", "-o", str(d / "out"))
-    assert_one_line_error(proc, "nope.safetensors: no such file or directory")
+    assert_one_line_error(proc, "nope.safetensors: no such file or directory", exit_code=2)
     if os.geteuid() != 0:  # root reads everything
         (d / "locked.safetensors").write_bytes(raw)
         os.chmod(d / "locked.safetensors", 0)
         proc = neon("merge", str(d / "base.safetensors"), str(d / "locked.safetensors"), "--w", "1", "-o", str(d / "out"))
-        assert_one_line_error(proc, "locked.safetensors: permission denied")
+        assert_one_line_error(proc, "locked.safetensors: permission denied", exit_code=2)
     (d / "empty_dir").mkdir()
     proc = neon("merge", str(d / "base.safetensors"), str(d / "empty_dir"), "--w", "1", "-o", str(d / "out"))
-    assert_one_line_error(proc, "empty_dir: neither a safetensors directory")
+    assert_one_line_error(proc, "empty_dir: neither a safetensors directory", exit_code=2)
     assert not (d / "out").exists()
     (d / "out").mkdir()
     proc = neon("merge", str(d / "base.safetensors"), str(d / "synth.safetensors"), "--w", "1", "-o", str(d / "out"))
-    assert_one_line_error(proc, "already exists (use --overwrite")
+    assert_one_line_error(proc, "already exists (use --overwrite", exit_code=2)
     leftovers = [p.name for p in d.iterdir() if "partial" in p.name]
     assert leftovers == []

@@ -3,15 +3,15 @@ resume after SIGKILL in the middle of `train` and of `sweep`."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
 
-from .conftest import ROOT, TOY, neon, small_overrides
+from .conftest import ROOT, TOY, kill_when, neon, small_overrides
+
+pytestmark = pytest.mark.slow  # whole runs of the toy and resumed kills: `pytest -m 'not slow'` skips them
 
 KILL_CFG = ["train.save_steps=[6,300]", "train.ckpt_every_images=8000"]
 
@@ -81,30 +81,16 @@ def _start(run_dir):
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
-def _kill_when(proc, condition, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return
-        if proc.poll() is not None:
-            pytest.fail("the run finished before the kill point")
-        time.sleep(0.02)
-    proc.kill()
-    pytest.fail("kill point never reached")
-
-
 def test_sigkill_in_train_and_in_sweep_then_resume_equals_uninterrupted(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     proc = neon("run", "--config", str(TOY), "--run-dir", str(ref_dir), *small_overrides(*KILL_CFG))
     assert proc.returncode == 0, proc.stderr
 
     train_dir = run_dir / "train" / "zeta=1.1"
-    _kill_when(_start(run_dir), lambda: (train_dir / "ckpt" / "latest").is_file()
+    kill_when(_start(run_dir), lambda: (train_dir / "ckpt" / "latest").is_file()
                and not (train_dir / "theta_s-step000300.safetensors").exists())
     results = run_dir / "sweep" / "results.jsonl"
-    _kill_when(_start(run_dir), lambda: results.is_file() and len(results.read_text().splitlines()) >= 3)
+    kill_when(_start(run_dir), lambda: results.is_file() and len(results.read_text().splitlines()) >= 3)
     assert not (run_dir / "sweep" / "summary.json").exists()
 
     proc = neon("run", "--config", str(TOY), "--run-dir", str(run_dir), *small_overrides(*KILL_CFG))

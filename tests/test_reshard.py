@@ -19,10 +19,7 @@ The default suite runs ZeRO 2 fp32 2->1 and ZeRO 3 bf16 1->2 (3 launches, ~1 min
 the matrix (ZeRO 1/2/3 x fp32/bf16 x 2->1/1->2) is marked slow and matrix (`make bench-matrix`).
 """
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -31,8 +28,10 @@ from safetensors.torch import load_file
 from neon_scale.errors import NeonError
 from neon_scale.merge.zero import ZeroCheckpointSource
 
-from .conftest import ROOT
+from .conftest import ROOT, torchrun
 from .reshard_worker import STEPS, case_name
+
+pytestmark = pytest.mark.slow  # torchrun launches of real engines: `pytest -m 'not slow'` skips them
 
 WORKER = ROOT / "tests" / "reshard_worker.py"
 FAST = [(2, "fp32", 2), (3, "bf16", 1)]  # (stage, dtype, world that saves); it loads on the other
@@ -43,10 +42,7 @@ STATE_RTOL = {"fp32": 1e-5, "bf16": 1e-1}   # |resharded - uninterrupted| / larg
 
 
 def launch(nproc: int, out: pathlib.Path, jobs: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(WORKER), str(out), *jobs]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = torchrun(WORKER, str(out), *jobs, nproc=nproc, timeout=600)
     assert proc.returncode == 0, (jobs, proc.stderr[-4000:])
 
 

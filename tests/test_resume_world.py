@@ -19,6 +19,8 @@ from neon_scale.errors import EXIT_STOPPED
 
 from .conftest import TOY, launch_ranks, neon, signal_when, small_overrides, wait_ranks
 
+pytestmark = pytest.mark.slow  # whole runs on 1 and 2 ranks: `pytest -m 'not slow'` skips them
+
 STEPS = 24
 SET = ["synth.samplers=[{zeta: 1.1}]", f"train.save_steps=[{STEPS}]", "train.ckpt_every_images=800",
        "train.ema_decay=0.9"]

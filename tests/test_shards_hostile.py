@@ -13,8 +13,7 @@ from neon_scale.data.shards import MANIFEST, read_shard, read_shards, shard_name
 from neon_scale.data.stream import SKIP_HINT, MicroBatchLoader
 from neon_scale.errors import NeonError
 
-from .conftest import TOY, neon, small_overrides
-from .test_cli import assert_one_line_error
+from .conftest import TOY, assert_one_line_error, neon, small_overrides
 
 BAD_AT = 3
 
@@ -151,6 +150,7 @@ def test_an_old_manifest_int64_record_is_not_trained_on(tmp_path):
         stream(MicroBatchLoader(d, 4, 1, 0, 1, 0), 5)
 
 
+@pytest.mark.slow  # trains the toy (base and synth first)
 def test_train_stops_naming_the_shard_and_record(run_dir):
     args = ["--config", str(TOY), "--run-dir", str(run_dir), *small_overrides("synth.samplers=[{zeta: 1.1}]")]
     assert neon("run", "--stage", "base", "--stage", "synth", *args).returncode == 0
@@ -168,4 +168,4 @@ def test_train_stops_naming_the_shard_and_record(run_dir):
     proc = neon("train", *args)
     assert proc.returncode == 2
     assert_one_line_error(proc, f"{shard}: bad record '000002-000005' (field 'x' has dtype int64 shape [2], "
-                                "expected dtype float32 shape [2])", "train.skip_bad=true")
+                                "expected dtype float32 shape [2])", "train.skip_bad=true", exit_code=2)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from .conftest import LAUNCHER, ROOT, TOY, small_overrides, torchrun
+from .conftest import LAUNCHER, ROOT, TOY, kill, small_overrides, torchrun
 
 SBATCH = ROOT / "launchers" / "slurm" / "neon.sbatch"
 RUN_TIMEOUT = 600
@@ -94,8 +94,7 @@ def wait_all(procs, timeout):
     finally:
         for p in procs:  # a hung rank must not outlive the test
             if p.poll() is None:
-                p.kill()
-                p.wait()
+                kill(p)
 
 
 def summary(run_dir):
@@ -138,6 +137,7 @@ def run_sbatch(tmp_path, *args, **extra):
 
 # ---- (a) two srun tasks are one world of 2 ranks ------------------------------------------------
 
+@pytest.mark.slow  # needs the torchrun reference run
 @pytest.mark.parametrize("step_vars", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_two_srun_tasks_form_one_world_like_torchrun(tmp_path, torchrun_summary, step_vars):
     """With srun's step variables, and with only the job's task variables (SLURM_PROCID, SLURM_NTASKS,
@@ -157,6 +157,7 @@ def test_two_srun_tasks_form_one_world_like_torchrun(tmp_path, torchrun_summary,
 
 # ---- (b) a task whose peer never starts --------------------------------------------------------
 
+@pytest.mark.slow  # waits 10 s for a peer that never starts
 def test_lone_srun_task_times_out_with_one_line(tmp_path):
     run_dir, job_id = tmp_path / "run", free_job_id()
     start = time.monotonic()
@@ -174,6 +175,7 @@ def test_lone_srun_task_times_out_with_one_line(tmp_path):
     assert "rank(s)" not in out + err and not run_dir.exists()  # never ran as a world of one
 
 
+@pytest.mark.slow  # waits 10 s for a peer that never starts
 def test_batch_script_waits_then_says_to_use_srun(tmp_path):
     """`python launchers/neon.py` straight in the batch script of a 2-task job looks like task 0 of
     a Slurm without step variables: it never runs as a world of one; it waits for its peer and ends
@@ -190,6 +192,7 @@ def test_batch_script_waits_then_says_to_use_srun(tmp_path):
 
 # ---- (c) started by mpirun ---------------------------------------------------------------------
 
+@pytest.mark.slow  # a neon command in a fresh process (over 2 s each here)
 @pytest.mark.parametrize("mpi", [{"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"},
                                  {"PMI_SIZE": "2", "PMI_RANK": "0"}])
 def test_mpirun_copies_stop_with_one_line_and_write_nothing(tmp_path, mpi):

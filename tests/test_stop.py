@@ -17,6 +17,8 @@ from neon_scale.errors import EXIT_STOPPED
 
 from .conftest import LAUNCHER, ROOT, TOY, launch_ranks, signal_when, small_overrides, wait_ranks
 
+pytestmark = pytest.mark.slow  # whole runs on 2 ranks: `pytest -m 'not slow'` skips them
+
 # The small toy with stages long enough to be caught in the middle (a few seconds each).
 ARGS = ["run", "--config", str(TOY), *small_overrides("base.steps=1000", "synth.n=2000", "synth.batch_size=50",
                                                       "train.save_steps=[6,40]", "synth.samplers=[{zeta: 1.1}]")]

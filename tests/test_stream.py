@@ -134,6 +134,7 @@ def test_corrupt_shard_is_one_error_naming_it(tmp_path, workers):
     assert "\n" not in msg and "Traceback" not in msg
 
 
+@pytest.mark.slow  # about 10 s here
 def test_skip_bad_counts_and_goes_on(tmp_path):
     d = make_set(tmp_path / "set", [40, 40])
     _truncate(d / shard_name(1))

@@ -112,6 +112,7 @@ def test_tensorboard_off_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a fresh process (about 4 s)
 @pytest.mark.skipif(wandb_available(), reason="the wandb package is installed")
 def test_wandb_requested_but_not_installed(tmp_path):
     with pytest.raises(NeonError, match="wandb package is not installed"):
@@ -177,6 +178,7 @@ def assert_sweep_curve(run_dir):
     return scalars
 
 
+@pytest.mark.slow  # needs the whole small toy run
 def test_sweep_curve_equals_results(toy_run):
     scalars = assert_sweep_curve(toy_run)
     summary = json.loads((toy_run / "sweep" / "summary.json").read_text())
@@ -187,6 +189,7 @@ def test_sweep_curve_equals_results(toy_run):
         assert dict(scalars[f"{group}/fd_w0"])[s["steps"]] == pytest.approx(s["metric_w0"], rel=1e-6)
 
 
+@pytest.mark.slow  # needs the whole small toy run
 def test_resumed_sweep_draws_the_whole_curve_once(toy_run, tmp_path):
     """A sweep killed after a few points: the rerun logs the cached ones too, into a fresh file."""
     run_dir = tmp_path / "run"
@@ -202,6 +205,7 @@ def test_resumed_sweep_draws_the_whole_curve_once(toy_run, tmp_path):
     assert curve_from_results(run_dir) == curve_from_results(toy_run)
 
 
+@pytest.mark.slow  # needs the whole small toy run
 def test_train_loss_curve_equals_metrics(toy_run):
     for sampler in ("zeta=1.1", "zeta=0.9"):
         rows = [json.loads(line) for line in (toy_run / "train" / sampler / "metrics.jsonl").read_text().splitlines()]

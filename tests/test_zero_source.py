@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neon_scale.errors import NeonError
-from neon_scale.merge.tensors import open_source
+from neon_scale.merge.open import open_source
 from neon_scale.merge.zero import ZeroCheckpointSource, is_zero_checkpoint
 
 from .conftest import torchrun
@@ -30,6 +30,7 @@ def reference(d: pathlib.Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(d))
 
 
+@pytest.mark.slow  # the checkpoints come from a torchrun of real engines
 @pytest.mark.parametrize("stage,precision", CASES)
 def test_matches_zero_to_fp32_bit_for_bit(ckpts, stage, precision, monkeypatch):
     d = ckpts / case_name(stage, precision)
@@ -54,6 +55,7 @@ def test_matches_zero_to_fp32_bit_for_bit(ckpts, stage, precision, monkeypatch):
     assert ("frozen" in keys) == (stage >= 2)  # ZeRO 1 saves no frozen parameters, like zero_to_fp32
 
 
+@pytest.mark.slow  # the checkpoints come from a torchrun of real engines
 def test_tag_argument_and_tag_directory(ckpts):
     d = ckpts / case_name(3, "bf16")
     tag = (d / "latest").read_text().strip()
@@ -77,6 +79,7 @@ def expect_error(d: pathlib.Path, culprit: pathlib.Path, words: str) -> None:
     assert str(culprit) in msg and words in msg and "\n" not in msg, msg
 
 
+@pytest.mark.slow  # the checkpoints come from a torchrun of real engines
 def test_missing_latest(ckpts, tmp_path):
     d, _ = broken_copy(ckpts, tmp_path)
     (d / "latest").unlink()
@@ -84,6 +87,7 @@ def test_missing_latest(ckpts, tmp_path):
     assert not is_zero_checkpoint(d, None) and is_zero_checkpoint(d, "global_step2")
 
 
+@pytest.mark.slow  # the checkpoints come from a torchrun of real engines
 @pytest.mark.parametrize("stage", [2, 3])
 def test_missing_rank_file(ckpts, tmp_path, stage):
     d, tagdir = broken_copy(ckpts, tmp_path, stage)
@@ -91,6 +95,7 @@ def test_missing_rank_file(ckpts, tmp_path, stage):
     expect_error(d, tagdir / RANK1_OPTIM, "not found")
 
 
+@pytest.mark.slow  # the checkpoints come from a torchrun of real engines
 @pytest.mark.parametrize("name", [RANK1_OPTIM, "mp_rank_00_model_states.pt"])
 def test_truncated_file(ckpts, tmp_path, name):
     d, tagdir = broken_copy(ckpts, tmp_path)
@@ -105,13 +110,14 @@ def test_not_a_zero_checkpoint(tmp_path):
         open_source(tmp_path)
 
 
+@pytest.mark.slow  # the checkpoints come from a torchrun of real engines
 @pytest.mark.parametrize("stage", [2, 3])
 def test_neon_merge_straight_from_the_zero_checkpoint_equals_merging_zero_to_fp32(ckpts, stage, tmp_path):
     """Acceptance: `neon merge BASE <zero dir>` == extrapolate(BASE, get_fp32_state_dict_from_zero_checkpoint)."""
     from safetensors.torch import save_file
 
     from neon_scale.merge.extrapolate import extrapolate_state
-    from neon_scale.merge.tensors import SafetensorsSource
+    from neon_scale.merge.sources import SafetensorsSource
 
     from .conftest import neon
 
@@ -131,9 +137,10 @@ def test_neon_merge_straight_from_the_zero_checkpoint_equals_merging_zero_to_fp3
             assert torch.equal(got.get(k), v), (w, k)
 
 
+@pytest.mark.slow  # the checkpoints come from a torchrun of real engines
 @pytest.mark.parametrize("stage,precision", CASES)
 def test_neon_consolidate_equals_zero_to_fp32(ckpts, stage, precision, tmp_path):
-    from neon_scale.merge.tensors import SafetensorsSource
+    from neon_scale.merge.sources import SafetensorsSource
 
     from .conftest import neon
 
@@ -151,12 +158,13 @@ def test_neon_consolidate_equals_zero_to_fp32(ckpts, stage, precision, tmp_path)
             assert torch.equal(got.get(k), v.contiguous()), (out, k)
 
 
+@pytest.mark.slow  # the checkpoints come from a torchrun of real engines
 def test_neon_consolidate_errors(ckpts, tmp_path):
     from .conftest import neon
-    from .test_cli import assert_one_line_error
+    from .conftest import assert_one_line_error
 
     proc = neon("consolidate", str(tmp_path / "missing"), "-o", str(tmp_path / "out"))
-    assert_one_line_error(proc, "missing: no such checkpoint directory")
+    assert_one_line_error(proc, "missing: no such checkpoint directory", exit_code=2)
     proc = neon("consolidate", str(ckpts / case_name(2, "fp32")), "-o", str(tmp_path / "out"), "--tag", "nope")
-    assert_one_line_error(proc, "nope")
+    assert_one_line_error(proc, "nope", exit_code=2)
     assert not (tmp_path / "out").exists()

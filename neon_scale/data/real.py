@@ -54,7 +54,7 @@ class RealImages:
 
 def _digits() -> RealImages:
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # lazy: optional, only data.source = 'digits' needs it
     except ImportError:
         raise NeonError("data.source = 'digits' needs scikit-learn (pip install scikit-learn)") from None
     d = load_digits()

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 import webdataset as wds
+import webdataset.tariterators as wti
 
 from ..errors import NeonError
 from ..io import atomic_path, write_json
@@ -42,7 +43,7 @@ def _ext_to_field(ext: str) -> str:
 
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 [C, H, W] (C = 1 or 3) -> PNG bytes."""
-    from PIL import Image
+    from PIL import Image  # lazy: only image sets with PNGs need Pillow
 
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
         raise NeonError(f"image: expected uint8 [C, H, W] with C = 1 or 3, got {image.dtype} {list(image.shape)}")
@@ -53,7 +54,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes -> uint8 [C, H, W] (grey stays 1 channel, everything else becomes RGB)."""
-    from PIL import Image
+    from PIL import Image  # lazy: only image sets with PNGs need Pillow
 
     with Image.open(io.BytesIO(data)) as img:
         img = img if img.mode in ("L", "RGB") else img.convert("RGB")
@@ -162,8 +163,6 @@ def check_record(record: dict, schema: Schema | None) -> Schema:
 
 def _tar_records(path: pathlib.Path):
     """The raw records of one shard, in order; raises as the tar reader does on a bad tar."""
-    import webdataset.tariterators as wti
-
     with open(path, "rb") as f:
         files = ({**member, "__url__": str(path)} for member in wti.tar_file_iterator(f))
         for raw in wti.group_by_keys(files):

@@ -11,16 +11,31 @@ master partitions) are read instead; buffers and frozen parameters are the same 
 """
 from __future__ import annotations
 
+import os
 import pathlib
 
+from ..console import console, progress
 from ..errors import NeonError
 from ..lock import hold_output
-from ..merge.tensors import parse_size, staged_output, write_checkpoint
-from ..merge.zero import ZeroCheckpointSource, is_zero_checkpoint
+from .writer import parse_size, staged_output, write_checkpoint
+from .zero import ZeroCheckpointSource, is_zero_checkpoint
 
 
-def consolidate(ckpt_dir: pathlib.Path, out: pathlib.Path, *, tag: str | None = None, ema: bool = False,
-                dtype: str | None = None, max_shard_size: int = 5 * 10**9, overwrite: bool = False, progress=None) -> int:
+def consolidate(ckpt_dir: str | os.PathLike, out: str | os.PathLike, *, tag: str | None = None, ema: bool = False,
+                dtype: str | None = None, max_shard_size: str = "5GB", overwrite: bool = False) -> int:
+    """`neon consolidate` (`max_shard_size` as --max-shard-size, e.g. "500MB"): write with a
+    progress bar, print one line; returns the number of shards."""
+    ckpt_dir, out = pathlib.Path(ckpt_dir), pathlib.Path(out)
+    with progress("consolidate", 1) as bar:
+        n = _write_consolidated(ckpt_dir, out, tag=tag, ema=ema, dtype=dtype, max_shard_size=parse_size(max_shard_size),
+                                overwrite=overwrite)
+        bar.update()
+    console.print(f"{ckpt_dir} -> {out} ({n} file{'s' if n > 1 else ''})")
+    return n
+
+
+def _write_consolidated(ckpt_dir: pathlib.Path, out: pathlib.Path, *, tag: str | None, ema: bool, dtype: str | None,
+                        max_shard_size: int, overwrite: bool) -> int:
     """Write the consolidated checkpoint; returns the number of shards."""
     if not ckpt_dir.is_dir():
         raise NeonError(f"{ckpt_dir}: no such checkpoint directory")
@@ -31,16 +46,5 @@ def consolidate(ckpt_dir: pathlib.Path, out: pathlib.Path, *, tag: str | None = 
         entries = [(key, source.meta(key).cast(dtype)) for key in source.keys()]
         with staged_output(out, overwrite) as staging:
             return write_checkpoint(staging, entries, source.get, max_shard_size,
-                                    {"format": "pt", "source": str(ckpt_dir), "weights": "ema" if ema else "master"},
-                                    progress)
+                                    {"format": "pt", "source": str(ckpt_dir), "weights": "ema" if ema else "master"})
 
-
-def run_cli(args) -> None:
-    from ..console import console, progress
-
-    ckpt_dir, out = pathlib.Path(args.ckpt_dir), pathlib.Path(args.out)
-    with progress("consolidate", 1) as bar:
-        n = consolidate(ckpt_dir, out, tag=args.tag, ema=args.ema, dtype=args.dtype, max_shard_size=parse_size(args.max_shard_size),
-                        overwrite=args.overwrite)
-        bar.update()
-    console.print(f"{ckpt_dir} -> {out} ({n} file{'s' if n > 1 else ''})")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from neon_scale.kernels.extrapolate import extrapolate
 from neon_scale.kernels.reference import extrapolate_reference, has_only_finite
 
 from ..errors import NeonError, name_keys
@@ -22,31 +23,27 @@ from ..errors import NeonError, name_keys
 MERGE, COPY_NON_FLOAT, COPY_MISSING = "merge", "copy-non-float", "copy-missing"
 
 
-def extrapolate_tensor(base: torch.Tensor, synth: torch.Tensor, w: float) -> torch.Tensor:
+def extrapolate_tensor(base: torch.Tensor, theta_s: torch.Tensor, w: float) -> torch.Tensor:
     """Merge one float tensor: the Triton kernel on CUDA, its torch reference elsewhere."""
     if base.is_cuda and base.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        from neon_scale.kernels.extrapolate import (
-            extrapolate,  # imports Triton: CUDA only
-        )
-
-        return extrapolate(base, synth.to(base.device), w)
-    return extrapolate_reference(base, synth, w)
+        return extrapolate(base, theta_s.to(base.device), w)
+    return extrapolate_reference(base, theta_s, w)
 
 
-def check_keys(base_keys, synth_keys) -> None:
-    extra = [k for k in synth_keys if k not in set(base_keys)]
+def check_keys(base_keys, theta_s_keys) -> None:
+    extra = [k for k in theta_s_keys if k not in set(base_keys)]
     if extra:
         raise NeonError(f"theta_s has key {name_keys(extra)} that the base lacks")
 
 
-def action_for(key: str, base_shape, base_dtype: torch.dtype, synth_shape=None, synth_dtype=None) -> str:
+def action_for(key: str, base_shape, base_dtype: torch.dtype, theta_s_shape=None, theta_s_dtype=None) -> str:
     """What the policy does with one key (raises for the error cases)."""
-    if synth_shape is None:
+    if theta_s_shape is None:
         return COPY_MISSING
-    if tuple(synth_shape) != tuple(base_shape):
-        raise NeonError(f"key '{key}': base shape {tuple(base_shape)} vs theta_s shape {tuple(synth_shape)}")
-    if base_dtype.is_floating_point != synth_dtype.is_floating_point:
-        raise NeonError(f"key '{key}': base dtype {base_dtype} vs theta_s dtype {synth_dtype} (float vs non-float)")
+    if tuple(theta_s_shape) != tuple(base_shape):
+        raise NeonError(f"key '{key}': base shape {tuple(base_shape)} vs theta_s shape {tuple(theta_s_shape)}")
+    if base_dtype.is_floating_point != theta_s_dtype.is_floating_point:
+        raise NeonError(f"key '{key}': base dtype {base_dtype} vs theta_s dtype {theta_s_dtype} (float vs non-float)")
     return MERGE if base_dtype.is_floating_point else COPY_NON_FLOAT
 
 
@@ -54,13 +51,13 @@ def action_for(key: str, base_shape, base_dtype: torch.dtype, synth_shape=None, 
 class MergeReport:
     merged: int = 0
     copied_non_float: list[str] = field(default_factory=list)
-    missing_in_synth: list[str] = field(default_factory=list)
+    missing_in_theta_s: list[str] = field(default_factory=list)
     non_finite_elements: int = 0
 
     def record(self, key: str, action: str, base: torch.Tensor | None = None) -> None:
         """Count one key; for merged keys, the non-finite elements of `base` (a tensor or a chunk)."""
         if action == COPY_MISSING:
-            self.missing_in_synth.append(key)
+            self.missing_in_theta_s.append(key)
         elif action == COPY_NON_FLOAT:
             self.copied_non_float.append(key)
         else:
@@ -73,14 +70,14 @@ class MergeReport:
             self.non_finite_elements += base.numel() - int(torch.count_nonzero(torch.isfinite(base)))
 
 
-def extrapolate_state(base: dict[str, torch.Tensor], synth: dict[str, torch.Tensor], w: float,
+def extrapolate_state(base: dict[str, torch.Tensor], theta_s: dict[str, torch.Tensor], w: float,
                       report: MergeReport | None = None) -> dict[str, torch.Tensor]:
     """Merge two in-memory state dicts with the policy above."""
-    check_keys(base, synth)
+    check_keys(base, theta_s)
     report = report if report is not None else MergeReport()
     out = {}
     for key, b in base.items():
-        s = synth.get(key)
+        s = theta_s.get(key)
         action = action_for(key, b.shape, b.dtype, None if s is None else s.shape, None if s is None else s.dtype)
         report.record(key, action, b)
         out[key] = extrapolate_tensor(b, s, w) if action == MERGE else b.clone()

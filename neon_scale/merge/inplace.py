@@ -27,10 +27,10 @@ class Slot:
     delta: torch.Tensor           # theta_r - theta_s, same dtype, flat
 
 
-def delta_of(base: torch.Tensor, synth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def delta_of(base: torch.Tensor, theta_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     acc = torch.float64 if base.dtype == torch.float64 else torch.float32
     b = base.reshape(-1).to(acc)
-    return b, b - synth.reshape(-1).to(acc)
+    return b, b - theta_s.reshape(-1).to(acc)
 
 
 def apply_delta(base: torch.Tensor, delta: torch.Tensor, w: float) -> torch.Tensor:
@@ -57,14 +57,14 @@ class Extrapolator:
 
 
 @torch.no_grad()
-def module_slots(module: torch.nn.Module, base: dict[str, torch.Tensor], synth: dict[str, torch.Tensor]) -> list[Slot]:
+def module_slots(module: torch.nn.Module, base: dict[str, torch.Tensor], theta_s: dict[str, torch.Tensor]) -> list[Slot]:
     """Slots over a plain module's state (every rank holds the whole model). Tensors the policy
     copies (non-float, missing from theta_s) are set to the base once, here."""
-    check_keys(base, synth)
+    check_keys(base, theta_s)
     live = module.state_dict(keep_vars=True)
     slots = []
     for key, b in base.items():
-        s = synth.get(key)
+        s = theta_s.get(key)
         action = action_for(key, b.shape, b.dtype, None if s is None else s.shape, None if s is None else s.dtype)
         target = live[key].data
         if action == MERGE:
@@ -75,12 +75,12 @@ def module_slots(module: torch.nn.Module, base: dict[str, torch.Tensor], synth: 
 
 
 @torch.no_grad()
-def zero3_slots(engine, module: torch.nn.Module, other: Callable[[str], torch.Tensor], engine_holds: str = "synth") -> list[Slot]:
+def zero3_slots(engine, module: torch.nn.Module, other: Callable[[str], torch.Tensor], engine_holds: str = "theta_s") -> list[Slot]:
     """Slots over this rank's ZeRO-3 partitions of `module`'s parameters (module = engine.module or a
     submodule of it; names relative to it). `other(name)` returns the full tensor the engine does not
-    hold: theta_r when the engine holds theta_s (engine_holds="synth"), theta_s otherwise."""
-    if engine_holds not in ("synth", "base"):
-        raise ValueError(f"engine_holds must be 'synth' or 'base', got {engine_holds!r}")
+    hold: theta_r when the engine holds theta_s (engine_holds="theta_s"), theta_s otherwise."""
+    if engine_holds not in ("theta_s", "base"):
+        raise ValueError(f"engine_holds must be 'theta_s' or 'base', got {engine_holds!r}")
     opt = engine.optimizer
     masters: dict[int, torch.Tensor] = {}
     for group, flat in zip(opt.fp16_groups, opt.fp32_partitioned_groups_flat):
@@ -102,7 +102,7 @@ def zero3_slots(engine, module: torch.nn.Module, other: Callable[[str], torch.Te
         theirs = padded[rank * n:(rank + 1) * n]
         master = masters.get(id(p))
         ours = (master if master is not None else part).float()
-        base, synth = (theirs, ours) if engine_holds == "synth" else (ours, theirs)
+        base, theta_s = (theirs, ours) if engine_holds == "theta_s" else (ours, theirs)
         targets = [part] + ([master] if master is not None and master.data_ptr() != part.data_ptr() else [])
-        slots.append(Slot(name, targets, *delta_of(base, synth)))
+        slots.append(Slot(name, targets, *delta_of(base, theta_s)))
     return slots

@@ -11,20 +11,25 @@ to the same OUT fails at once, naming the first.
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 from dataclasses import dataclass, field
 
 import torch
+from rich.table import Table
 
 from neon_scale.kernels.reference import has_only_finite
 
+from ..console import console, progress
 from ..errors import NeonError
 from ..lock import hold_output
 from .extrapolate import MERGE, MergeReport, action_for, check_keys, extrapolate_tensor
-from .tensors import (
+from .open import open_source
+from .sources import TensorSource
+from .writer import (
     StreamingSafetensorsWriter,
-    TensorSource,
     check_output,
+    parse_size,
     plan_shards,
     shard_file_names,
     staged_output,
@@ -41,13 +46,13 @@ class MergeSummary(MergeReport):
     outputs: dict[float, pathlib.Path] = field(default_factory=dict)
     bytes_written: int = 0
 
-    def add_norms(self, key: str, base: torch.Tensor, synth: torch.Tensor) -> None:
+    def add_norms(self, key: str, base: torch.Tensor, theta_s: torch.Tensor) -> None:
         """Accumulate ||b - s||^2 and ||b||^2 (float64 sums; non-finite base elements left out)."""
         if not has_only_finite(base):
             finite = torch.isfinite(base)
-            base, synth = base[finite], synth[finite]
+            base, theta_s = base[finite], theta_s[finite]
         acc = self.moved.setdefault(key.split(".")[0], [0.0, 0.0])
-        acc[0] += float(torch.linalg.vector_norm(torch.sub(base.float(), synth.float()), dtype=torch.float64) ** 2)
+        acc[0] += float(torch.linalg.vector_norm(torch.sub(base.float(), theta_s.float()), dtype=torch.float64) ** 2)
         acc[1] += float(torch.linalg.vector_norm(base, dtype=torch.float64) ** 2)
 
     def relative_moves(self) -> dict[str, float]:
@@ -58,9 +63,9 @@ def w_dir_name(w: float) -> str:
     return f"w={w:g}"
 
 
-def _chunks(base: torch.Tensor, synth: torch.Tensor):
+def _chunks(base: torch.Tensor, theta_s: torch.Tensor):
     """Matching flat chunks of at most CHUNK_BYTES (bounded temporaries for huge tensors)."""
-    b, s = base.reshape(-1), synth.reshape(-1)
+    b, s = base.reshape(-1), theta_s.reshape(-1)
     step = max(1, CHUNK_BYTES // max(1, b.element_size()))
     for start in range(0, b.numel(), step):
         yield b[start:start + step], s[start:start + step]
@@ -91,7 +96,7 @@ def _merge_tensor(key: str, b: torch.Tensor, s: torch.Tensor, out_dtype: torch.d
         writer.end_tensor(key)
 
 
-def merge_checkpoints(base: TensorSource, synth: TensorSource, ws: list[float], out: pathlib.Path, *,
+def merge_checkpoints(base: TensorSource, theta_s: TensorSource, ws: list[float], out: pathlib.Path, *,
                       max_shard_size: int = 5 * 10**9, dtype: str | None = None, overwrite: bool = False,
                       progress=None) -> MergeSummary:
     """Write one safetensors checkpoint per w (OUT itself for one w, OUT/w=<w>/ for several)."""
@@ -105,21 +110,21 @@ def merge_checkpoints(base: TensorSource, synth: TensorSource, ws: list[float], 
         raise NeonError(f"merge: repeated --w values {ws} (output folders {names})")
     # One writer per OUT, before anything next to OUT is touched (check_output settles leftovers)
     with hold_output(out):
-        return _merge_locked(base, synth, ws, out, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite,
+        return _merge_locked(base, theta_s, ws, out, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite,
                              progress=progress)
 
 
-def _merge_locked(base: TensorSource, synth: TensorSource, ws: list[float], out: pathlib.Path, *,
+def _merge_locked(base: TensorSource, theta_s: TensorSource, ws: list[float], out: pathlib.Path, *,
                   max_shard_size: int, dtype: str | None, overwrite: bool, progress) -> MergeSummary:
     check_output(out, overwrite)  # again by staged_output; early here, before any reading
-    base_keys, synth_keys = base.keys(), synth.keys()
-    check_keys(base_keys, synth_keys)
-    synth_set = set(synth_keys)
+    base_keys, theta_s_keys = base.keys(), theta_s.keys()
+    check_keys(base_keys, theta_s_keys)
+    theta_s_set = set(theta_s_keys)
     summary = MergeSummary()
     entries, actions = [], {}
     for key in base_keys:
         bm = base.meta(key)
-        sm = synth.meta(key) if key in synth_set else None
+        sm = theta_s.meta(key) if key in theta_s_set else None
         actions[key] = action_for(key, bm.shape, bm.dtype, None if sm is None else sm.shape, None if sm is None else sm.dtype)
         entries.append((key, bm.cast(dtype)))
     shards = plan_shards(entries, max_shard_size)
@@ -135,7 +140,7 @@ def _merge_locked(base: TensorSource, synth: TensorSource, ws: list[float], out:
                 b = base.get(key)
                 action = actions[key]
                 if action == MERGE:
-                    _merge_tensor(key, b, synth.get(key), meta.dtype, writers, summary)
+                    _merge_tensor(key, b, theta_s.get(key), meta.dtype, writers, summary)
                 else:
                     for writer in writers.values():
                         writer.write(key, b)
@@ -153,24 +158,29 @@ def _merge_locked(base: TensorSource, synth: TensorSource, ws: list[float], out:
     return summary
 
 
-def run_cli(args) -> None:
-    """`neon merge` from parsed arguments (see cli.py): open, merge, print the summary."""
-    from rich.table import Table
-
-    from ..console import console, progress
-    from .tensors import open_source, parse_size
-
-    max_shard = parse_size(args.max_shard_size)
-    with open_source(args.base, tag=args.base_tag or args.tag, key=args.base_key or args.key) as base, \
-            open_source(args.synth, tag=args.self_tag or args.tag, key=args.self_key or args.key) as synth:
-        total = sum(base.meta(k).nbytes for k in base.keys())
+def merge(base: str | os.PathLike, theta_s: str | os.PathLike, ws: list[float], out: str | os.PathLike, *,
+          base_tag: str | None = None, theta_s_tag: str | None = None, base_key: str | None = None,
+          theta_s_key: str | None = None, max_shard_size: str = "5GB", dtype: str | None = None,
+          overwrite: bool = False) -> MergeSummary:
+    """`neon merge`: open both checkpoints (tags and sub-dict keys as --base-tag/--self-tag,
+    --base-key/--self-key; `max_shard_size` as --max-shard-size, e.g. "500MB"), merge with a
+    progress bar, print the summary."""
+    shard_bytes = parse_size(max_shard_size)
+    with open_source(base, tag=base_tag, key=base_key) as base_src, \
+            open_source(theta_s, tag=theta_s_tag, key=theta_s_key) as theta_s_src:
+        total = sum(base_src.meta(k).nbytes for k in base_src.keys())
         with progress("merge", total) as bar:
-            summary = merge_checkpoints(base, synth, args.w, pathlib.Path(args.out), max_shard_size=max_shard,
-                                        dtype=args.dtype, overwrite=args.overwrite, progress=bar)
-    for key in summary.missing_in_synth:
-        console.print(f"[yellow]warning:[/] '{key}' is not in {args.synth}: copied from the base")
+            summary = merge_checkpoints(base_src, theta_s_src, ws, pathlib.Path(out), max_shard_size=shard_bytes,
+                                        dtype=dtype, overwrite=overwrite, progress=bar)
+    _print_summary(summary, theta_s)
+    return summary
+
+
+def _print_summary(summary: MergeSummary, theta_s: str | os.PathLike) -> None:
+    for key in summary.missing_in_theta_s:
+        console.print(f"[yellow]warning:[/] '{key}' is not in {theta_s}: copied from the base")
     console.print(f"merged {summary.merged} tensors; copied {len(summary.copied_non_float)} non-float and "
-                  f"{len(summary.missing_in_synth)} missing from theta_s; {summary.non_finite_elements} non-finite "
+                  f"{len(summary.missing_in_theta_s)} missing from theta_s; {summary.non_finite_elements} non-finite "
                   f"base elements kept; {summary.bytes_written / 1e9:.3f} GB written")
     table = Table(title="how far self-training moved each module: ||theta_r - theta_s|| / ||theta_r||")
     table.add_column("module")

@@ -37,17 +37,19 @@ ZeRO 1 does not save frozen parameters: `module_tensor` takes them from the save
 """
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 import re
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
 
 from ..ckpt_files import LATEST, ema_file, read_latest, trainer_file
 from ..errors import NeonError
 from ..io import torch_load
-from .tensors import TensorMeta, TensorSource
+from .sources import TensorMeta, TensorSource
 
 OPTIM_RE = re.compile(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 
@@ -60,6 +62,7 @@ def deepspeed_classes() -> tuple:
     - LossScaler (fp32/bf16) and DynamicLossScaler (fp16): `loss_scaler`, a bag of numbers;
     - fragment_address: dataclass(numel, start) in the ZeRO 1/2 `param_slice_mappings`.
     The model-states files need nothing beyond what weights_only allows by default."""
+    # deepspeed takes seconds to import (and JIT-builds ops): only when its files are read
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -68,8 +71,6 @@ def deepspeed_classes() -> tuple:
 
 
 def _load(path: pathlib.Path, what: str) -> dict:
-    if not path.is_file():
-        raise NeonError(f"{path}: {what} not found")
     obj = torch_load(path, what, allow=deepspeed_classes(), mmap=True)
     if not isinstance(obj, dict):
         raise NeonError(f"{path}: not a DeepSpeed {what} (a {type(obj).__name__})")
@@ -96,7 +97,7 @@ def _tag_dir(path: pathlib.Path, tag: str | None) -> pathlib.Path:
 
 def is_zero_checkpoint(path: pathlib.Path, tag: str | None) -> bool:
     """Looks like a DeepSpeed checkpoint: a tag asked for, a `latest` file, or partition files."""
-    return tag is not None or (path / "latest").is_file() or bool(_optim_files(path))
+    return tag is not None or (path / LATEST).is_file() or bool(_optim_files(path))
 
 
 class _SafetensorsFlat:
@@ -139,14 +140,35 @@ class _Slot:
 class ZeroCheckpointSource(TensorSource):
     def __init__(self, path: pathlib.Path, tag: str | None = None, ema: bool = False):
         d = _tag_dir(pathlib.Path(path), tag)
-        self.name = str(d)
+        self.name, self._dir = str(d), d
+        # find the files, read the layout from rank 0, check the ranks against it
+        prefix, matches = self._find_partitions(d)
+        first = d / f"{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        sd0 = self._read_layout(first)
+        self._check_ranks(d, matches)
+        self._load_partitions(d, prefix, sd0)
+        self._masters = self._flat
+        self._ema: list[list[_SafetensorsFlat]] | None = None
+        self._ema_handles: list = []
+        self._states: dict[str, list[list[torch.Tensor]]] = {}  # optimizer state key -> [rank][group]
+        if ema:
+            self._flat = self._ema_flat()
+        model_files = self._load_model_states(d)
+        self._map_keys(model_files, sd0.get("param_alignment_paddings"), first)
+        self._strip_prefix(d)
+
+    @staticmethod
+    def _find_partitions(d: pathlib.Path) -> tuple[str, list[re.Match]]:
+        """The optimizer partition files of tag dir `d`: their name prefix ("bf16_" or "") and matches."""
         matches = [m for p in _optim_files(d) if (m := OPTIM_RE.fullmatch(p.name))]
         if not matches:
             raise NeonError(f"{d}: no ZeRO optimizer partition files (*zero_pp_rank_*_optim_states.pt)")
         if {m[3] for m in matches} != {"00"} or len({m[1] for m in matches}) > 1:
             raise NeonError(f"{d}: unsupported layout (model-parallel or mixed bf16/non-bf16 partition files)")
-        prefix = matches[0][1] or ""
-        first = d / f"{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        return matches[0][1] or "", matches
+
+    def _read_layout(self, first: pathlib.Path) -> dict:
+        """Rank 0's optimizer_state_dict; sets the ZeRO stage and the world size it was saved with."""
         sd0 = _load(first, "ZeRO optimizer partition of rank 0").get("optimizer_state_dict")
         if not isinstance(sd0, dict) or "zero_stage" not in sd0 or "partition_count" not in sd0:
             raise NeonError(f"{first}: unsupported layout (no optimizer_state_dict with zero_stage/partition_count)")
@@ -155,13 +177,19 @@ class ZeroCheckpointSource(TensorSource):
         counts = set(counts) if isinstance(counts, (list, tuple)) else {counts}
         if self.stage not in (1, 2, 3) or len(counts) != 1:
             raise NeonError(f"{first}: unsupported layout (zero_stage {self.stage}, partition counts {sorted(counts)})")
-        self.world = world = int(counts.pop())
+        self.world = int(counts.pop())
+        return sd0
+
+    def _check_ranks(self, d: pathlib.Path, matches: list[re.Match]) -> None:
         top = max(matches, key=lambda m: int(m[2]))
-        if int(top[2]) >= world:
-            raise NeonError(f"{d / top[0]}: rank beyond partition_count {world} (stale file from another run?)")
+        if int(top[2]) >= self.world:
+            raise NeonError(f"{d / top[0]}: rank beyond partition_count {self.world} (stale file from another run?)")
+
+    def _load_partitions(self, d: pathlib.Path, prefix: str, sd0: dict) -> None:
+        """Every rank's optimizer_state_dict and flat fp32 groups (tensors mmapped)."""
         flat_key = "fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"
         self._flat: list[list[torch.Tensor]] = []  # [rank][group] -> 1-D mmapped fp32 tensor
-        self._optim_paths = [d / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+        self._optim_paths = [d / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(self.world)]
         self._optim: list[dict] = []  # [rank] -> optimizer_state_dict (tensors mmapped)
         for r, f in enumerate(self._optim_paths):
             osd = sd0 if r == 0 else _load(f, f"ZeRO optimizer partition of rank {r}").get("optimizer_state_dict", {})
@@ -170,24 +198,22 @@ class ZeroCheckpointSource(TensorSource):
                 raise NeonError(f"{f}: unsupported layout (no list of 1-D tensors under {flat_key})")
             self._flat.append(list(groups))
             self._optim.append(osd)
-        self._dir = d
-        self._masters = self._flat
-        self._ema: list[list[_SafetensorsFlat]] | None = None
-        self._ema_handles: list = []
-        self._states: dict[str, list[list[torch.Tensor]]] = {}  # optimizer state key -> [rank][group]
-        if ema:
-            self._flat = self._ema_flat()
+
+    def _load_model_states(self, d: pathlib.Path) -> list[pathlib.Path]:
+        """The model-states files (one under ZeRO 1/2, one per rank under ZeRO 3), loaded; returns their paths."""
         if self.stage <= 2:
             model_files = [d / "mp_rank_00_model_states.pt"]
         else:
-            model_files = [d / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
+            model_files = [d / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(self.world)]
         self._models = [_load(f, "DeepSpeed model states") for f in model_files]
-        m0 = self._models[0]
-        if not isinstance(m0.get("param_shapes"), list):
+        if not isinstance(self._models[0].get("param_shapes"), list):
             raise NeonError(f"{model_files[0]}: unsupported layout (no param_shapes: not saved by a ZeRO engine)")
+        return model_files
 
-        # key -> ("flat", _Slot) | ("frozen", name) | ("buffer", name); built in zero_to_fp32's
-        # order, listed in the order of the model's state_dict (the saved `module`)
+    def _map_keys(self, model_files: list[pathlib.Path], paddings: list | None, first: pathlib.Path) -> None:
+        """key -> ("flat", _Slot) | ("frozen", name) | ("buffer", name); built in zero_to_fp32's
+        order, listed in the order of the model's state_dict (the saved `module`)."""
+        m0 = self._models[0]
         self._entries: dict[str, tuple[str, object]] = {}
         module = m0.get("module") if isinstance(m0.get("module"), dict) else {}
         buffer_names = set(m0.get("buffer_names") or ())
@@ -200,7 +226,7 @@ class ZeroCheckpointSource(TensorSource):
                     raise NeonError(f"{f}: frozen parameter '{k}' has no saved fragment")
             self._entries[k] = ("frozen", k)
         if self.stage <= 2:
-            self._layout_zero12(m0["param_shapes"], sd0.get("param_alignment_paddings"), first)
+            self._layout_zero12(m0["param_shapes"], paddings, first)
         else:
             self._layout_zero3(m0["param_shapes"])
         for alias, target in (m0.get("shared_params") or {}).items():
@@ -208,6 +234,8 @@ class ZeroCheckpointSource(TensorSource):
                 self._entries[alias] = self._entries[target]
         order = [k for k in module if k in self._entries]
         self._keys = order + [k for k in self._entries if k not in set(order)]
+
+    def _strip_prefix(self, d: pathlib.Path) -> None:
         self.prefix = prefix = self._wrapper_prefix(d)  # what the keys lost against the saved names
         if prefix:  # saved by our trainer, whose engine wraps the model: names as in model.state_dict()
             self._entries = {k.removeprefix(prefix): v for k, v in self._entries.items()}
@@ -216,8 +244,6 @@ class ZeroCheckpointSource(TensorSource):
     @staticmethod
     def _wrapper_prefix(d: pathlib.Path) -> str:
         """The name prefix our trainer's loss wrapper adds (recorded in its per-rank state file)."""
-        import json
-
         path = trainer_file(d, 0)
         if not path.is_file():
             return ""
@@ -236,8 +262,6 @@ class ZeroCheckpointSource(TensorSource):
         """Every rank's EMA partitions (neon_scale.train.ema), laid out like its fp32 masters; the
         files stay open and are read a slice at a time."""
         if self._ema is None:
-            from safetensors import safe_open
-
             ema = []
             for r, masters in enumerate(self._masters):
                 path = ema_file(self._dir, r)

@@ -15,11 +15,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from .. import io
 from ..errors import NeonError
-from .backbones import load_weights
+from .backbone_base import load_weights
 
 
 # ------------------------------------------------------------------------------------ network
@@ -84,8 +85,6 @@ def save_classifier(path: str | pathlib.Path, net: SmallCNN, held_accuracy: floa
 
 def load_classifier(path: str | pathlib.Path) -> tuple[SmallCNN, dict]:
     """The network and its metadata (arch, heldout_accuracy, data) from a file save_classifier wrote."""
-    from safetensors import safe_open
-
     path = pathlib.Path(path)
     if not path.is_file():
         raise NeonError(f"{path}: classifier weights not found (the sweep trains one on the real data; "
@@ -106,7 +105,7 @@ def load_classifier(path: str | pathlib.Path) -> tuple[SmallCNN, dict]:
 # ----------------------------------------------------------------------------------- backbone
 
 class ClassifierFeatures:
-    """The feature-backbone protocol of metrics.backbones over a saved classifier."""
+    """The feature-backbone protocol (metrics.backbone_base) over a saved classifier."""
 
     def __init__(self, weights: str, device: torch.device | None = None, batch_size: int = 512):
         self.net, self.meta = load_classifier(weights)

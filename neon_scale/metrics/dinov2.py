@@ -33,10 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import io
+from .. import dist, io
 from ..errors import NeonError
-from .backbones import as_rgb, load_weights
-from .features import default_device
+from .backbone_base import as_rgb, load_weights
 from .inception import no_tf32
 
 PATCH = 14
@@ -276,7 +275,7 @@ class DINOv2Features:
     logits_dim = None
 
     def __init__(self, weights: str, device: torch.device | None = None, batch_size: int = 64):
-        self.device = device or default_device()
+        self.device = device or dist.device()
         self.batch_size = batch_size
         self.model = load_dinov2(weights, self.device)
         self.dim = self.model.arch.dim

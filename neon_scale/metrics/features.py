@@ -1,7 +1,8 @@
 """uint8 images -> backbone features -> per-input statistics, on every rank.
 
 `InceptionFeatures` runs the csrc pre-processing op and the network on a batch (from a sampler in
-memory, or decoded by DataLoader workers); other backbones (`backbones.py`) have the same call.
+memory, or decoded by DataLoader workers); other backbones (`backbones.py`) have the same call
+(`backbone_base.Backbone`).
 `FeatureStats` keeps what the metrics need: float64 moments for the Frechet distance (all-reduced
 once), and, only when IS/KID/PR are asked for, the rows themselves with their global indices
 (gathered to rank 0 in input order); its sizes are the backbone's. `extract` drives one input source.
@@ -17,17 +18,11 @@ from torch.utils.data import DataLoader
 from .. import dist, stop
 from ..console import progress
 from ..errors import NeonError
-from .backbones import Backbone, as_rgb
+from .backbone_base import Backbone, as_rgb
 from .fid import Moments
 from .inception import FEATURE_DIM, LOGITS_DIM, load_inception, no_tf32
 from .inputs import RankShare, collate
 from .preprocess import preprocess
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class InceptionFeatures:
@@ -38,7 +33,7 @@ class InceptionFeatures:
     logits_dim = LOGITS_DIM
 
     def __init__(self, weights: str, device: torch.device | None = None, batch_size: int = 64):
-        self.device = device or default_device()
+        self.device = device or dist.device()
         self.batch_size = batch_size
         self.model = load_inception(weights, self.device).to(memory_format=torch.channels_last)
         self.seconds = {"preprocess": 0.0, "network": 0.0}

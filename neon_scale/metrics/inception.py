@@ -30,7 +30,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 
 from .. import io
 from ..errors import NeonError
-from .backbones import load_weights
+from .backbone_base import load_weights
 
 FEATURE_DIM = 2048
 LOGITS_DIM = 1008

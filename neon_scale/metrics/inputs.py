@@ -14,6 +14,8 @@ import tarfile
 import zipfile
 
 import numpy as np
+import torch
+from PIL import Image
 
 from ..errors import NeonError
 
@@ -21,8 +23,6 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
 def decode_image(data: bytes | str | os.PathLike) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
         return np.asarray(img.convert("RGB"))
 
@@ -180,8 +180,6 @@ class RankShare:
 
 def collate(items):
     """Group decoded images by size -> ([(indices, uint8 NHWC tensor)], [(index, error)])."""
-    import torch
-
     groups: dict[tuple, list] = {}
     bad = []
     for i, img, err in items:

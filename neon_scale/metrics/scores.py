@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import calculate_precision_recall_part
 
 from ..errors import NeonError
 
@@ -34,12 +36,6 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
 
 def kernel_inception_distance(feats1: torch.Tensor, feats2: torch.Tensor, subsets: int = 100,
                               subset_size: int = 1000) -> tuple[float, float]:
-    from torch_fidelity.metric_kid import (
-        KEY_METRIC_KID_MEAN,
-        KEY_METRIC_KID_STD,
-        kid_features_to_metric,
-    )
-
     if min(len(feats1), len(feats2)) < subset_size:
         raise NeonError(f"KID subset size {subset_size} exceeds the number of images ({len(feats1)}, {len(feats2)}); "
                         f"lower --kid-subset-size")
@@ -49,8 +45,6 @@ def kernel_inception_distance(feats1: torch.Tensor, feats2: torch.Tensor, subset
 
 
 def precision_recall(feats_gen: torch.Tensor, feats_real: torch.Tensor, k: int = 3) -> tuple[float, float]:
-    from torch_fidelity.metric_prc import calculate_precision_recall_part
-
     if min(len(feats_gen), len(feats_real)) <= k:
         raise NeonError(f"precision/recall needs more than {k} images per input")
     return calculate_precision_recall_part(feats_gen.float(), feats_real.float(), neighborhood=k, batch_size=10000)

@@ -17,7 +17,7 @@ TRUE_COV = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
 
 def cosine_alphas_cumprod(n_steps: int) -> torch.Tensor:
     """abar(t) = f(t) / f(0) for t = 0..n_steps-1, f(t) = cos(((t / n) + 0.008) / 1.008 pi/2)^2,
-    the cosine schedule built for the step count in use (NEON.md); abar(0) = 1."""
+    the cosine schedule built for the step count in use, as in the paper's appendix; abar(0) = 1."""
     t = torch.arange(n_steps, dtype=torch.float64)
     f = torch.cos(((t / n_steps) + 0.008) / 1.008 * math.pi / 2) ** 2
     return f / f[0]

@@ -39,6 +39,7 @@ import pathlib
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from ..errors import NeonError, first_line
@@ -311,9 +312,7 @@ def load_mar_vae(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     """kl16.ckpt ({"model": state dict}) -> MarVAE, strict load, eval mode, frozen."""
     path = pathlib.Path(path)
     what = "MAR KL-16 VAE weights (kl16.ckpt)"
-    if not path.is_file():
-        raise NeonError(f"{path}: {what} not found")
-    ckpt = torch_load(path, what)
+    ckpt = torch_load(path, what)  # a missing file is one line naming `what`
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         found = f"keys {sorted(map(str, ckpt))[:5]}" if isinstance(ckpt, dict) else type(ckpt).__name__
         raise NeonError(f"{path}: not a {what} checkpoint: no 'model' entry (found {found})")
@@ -367,8 +366,6 @@ def _ldm_config_from_weights(path: pathlib.Path) -> dict:
     """An LDM-format SD VAE file -> the original (CompVis) config diffusers' from_single_file
     converts, inferred from the weight shapes: so no config has to come from the Hub."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     else:  # read once here for the shapes, and again by from_single_file

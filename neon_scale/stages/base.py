@@ -20,6 +20,7 @@ from ..data.real import load_real
 from ..data.shards import MANIFEST, shard_name, write_manifest, write_shard
 from ..io import load_into, load_state_dict, save_state_dict
 from .common import RunContext, StageDir
+from .train import run_trainer
 
 SHARD_SIZE = 1000  # real images per shard of base/real/
 
@@ -73,8 +74,6 @@ def real_split_shards(ctx: RunContext) -> pathlib.Path:
 
 def train_on_real(ctx: RunContext) -> None:
     """theta_r of an image model trained from scratch on data.source by the DeepSpeed trainer."""
-    from .train import run_trainer
-
     base, cfg = ctx.cfg.base, ctx.cfg.base.train
     # base.seed sets the initialisation and, with base.train.seed, the trainer's data order and noise
     cfg = dataclasses.replace(cfg, seed=rng.seed_of("base", base.seed, cfg.seed))

@@ -68,11 +68,15 @@ class RunContext:
         train = _hash(synth, _section(c.train))
         if stage == "train":
             return train
-        if stage == "eval":  # what evaluated points depend on (the sweep's cache key)
-            return _hash(train, _section(c.eval))
         if stage == "sweep":
             return _hash(train, _section(c.eval), _section(c.sweep))
         raise KeyError(stage)
+
+    def points_fingerprint(self) -> str:
+        """What an evaluated sweep point depends on (the stages before the sweep and the eval
+        settings, not the selection rule): the key of the sweep's point cache, sweep/FINGERPRINT.
+        Its value is stored in run directories: it must not change."""
+        return _hash(self.fingerprint("train"), _section(self.cfg.eval))
 
     def model_args(self):
         """The spec's typed Args, parsed once when the config was loaded."""

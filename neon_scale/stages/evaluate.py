@@ -42,12 +42,11 @@ def evaluate(metric: SampleMetric, model: torch.nn.Module, sampler, n: int, seed
     moments = Moments(metric.mu_ref.shape[0])
     n_chunks = math.ceil(n / chunk)
     rounds = math.ceil(n_chunks / dist.world())
-    for r in range(rounds):  # the same number of rounds (and stop points) on every rank
-        i = r * dist.world() + dist.rank()
-        if i < n_chunks:
-            count = min(chunk, n - i * chunk)
-            samples = metric.spec.sample(model, count, rng.generator(seed, "eval", i), sampler, start=i * chunk)
-            moments.add(metric.features(samples))
-        stop.check(f"an evaluation ({n} samples, chunk round {r + 1}/{rounds})", "evaluated points kept")
+    mine = range(dist.rank(), n_chunks, dist.world())  # chunk i is rank i mod world's, in round i // world
+    for i in stop.turns(mine, rounds, lambda r: f"an evaluation ({n} samples, chunk round {r + 1}/{rounds})",
+                        "evaluated points kept"):
+        count = min(chunk, n - i * chunk)
+        samples = metric.spec.sample(model, count, rng.generator(seed, "eval", i), sampler, start=i * chunk)
+        moments.add(metric.features(samples))
     mu, sigma = moments.all_reduce().mean_cov()
     return frechet_distance(mu, sigma, metric.mu_ref, metric.sigma_ref)

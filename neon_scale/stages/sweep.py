@@ -19,6 +19,7 @@ selection's luck does not bias them): mean, standard error, and the paired diffe
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import textwrap
@@ -30,9 +31,10 @@ from .. import dist, rng
 from ..console import console, log, progress
 from ..io import atomic_path, load_state_dict, write_json, write_text
 from ..merge.inplace import Extrapolator, module_slots
-from .evaluate import SampleMetric, evaluate
+from ..metrics.backbones import METRIC_NAMES, load_backbone
 from ..selection import search
 from ..tracking import Tracker, open_tracker
+from .evaluate import SampleMetric, evaluate
 from . import metric as metric_stage
 from .common import RunContext, StageDir, sampler_tag
 
@@ -76,7 +78,7 @@ class PointStore:
 
 
 def _plot(summary: list[dict], store: PointStore, path, metric_name: str, tracker: Tracker) -> None:
-    import matplotlib
+    import matplotlib  # lazy: slow to import, and only rank 0 draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -107,7 +109,7 @@ def _plot(summary: list[dict], store: PointStore, path, metric_name: str, tracke
 def _samples_picture(panels: list[tuple[str, torch.Tensor]], num_classes: int, per_class: int, path) -> None:
     """One panel per (title, uint8 images [num_classes * per_class, C, H, W] in class-major order):
     a row per class."""
-    import matplotlib
+    import matplotlib  # lazy: slow to import, and only rank 0 draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -176,8 +178,6 @@ def _eval_sampler(cfg, g) -> dict:
 
 
 def _metric_name(ctx: RunContext) -> str:
-    from ..metrics.backbones import METRIC_NAMES
-
     return METRIC_NAMES[ctx.cfg.eval.features] if ctx.spec.makes_images else ctx.spec.metric_name
 
 
@@ -218,82 +218,136 @@ def run(ctx: RunContext) -> None:
 
 
 def _sweep(ctx: RunContext, stage: StageDir, metric_name: str, tracker: Tracker) -> None:
-    cfg = ctx.cfg
-    summary_path = stage.path / "summary.json"
-    sw, ev = cfg.sweep, cfg.eval
     # ------------------------------------------------------------------ Metric
-    if ctx.spec.makes_images:
-        from ..metrics.backbones import load_backbone
-
-        weights, ref, _info = metric_stage.prepare(ctx)
-        sample_metric = SampleMetric(ctx.spec, load_backbone(ev.features, weights, batch_size=ev.batch_size), ref,
-                                     ctx.model_args())
-    else:
-        sample_metric = SampleMetric(ctx.spec)
-    stage.prepare(keep_fingerprint=ctx.fingerprint("eval"))
+    sample_metric = _sample_metric(ctx)
+    # ------------------------------------------------------------------ Point cache
+    # keyed by what a point depends on: a change of the selection rule alone keeps the points
+    stage.prepare(keep_fingerprint=ctx.points_fingerprint())
     store = PointStore(stage.path / "results.jsonl")
     base_state = load_state_dict(ctx.base_weights())
     model = ctx.load_model(ctx.base_weights())
+    points = _Points(ctx, sample_metric, model, store, tracker, metric_name)
     summary, pictures = [], []
-    drawn: set[tuple] = set()  # curve points already logged (final_n may repeat one; repeats are not on it)
     checkpoints = ctx.checkpoints()
     # ------------------------------------------------------------------ Sweep each checkpoint
     with progress("sweep", len(checkpoints)) as bar:
         for ckpt in checkpoints:
             # theta_r and Delta kept per tensor: each w is one pass over the weights, not a reload
             extrapolator = Extrapolator(module_slots(model, base_state, load_state_dict(ckpt["path"])))
-
-            def metric_at(w, g, n=ev.n, seed=None, ckpt=ckpt, extrapolator=extrapolator):
-                row = {"checkpoint": ckpt["name"], "steps": ckpt["steps"], "sampler": ckpt["sampler"], "w": w, "n": n}
-                if sw.guidance_key is not None:
-                    row["guidance"] = g
-                if seed is not None:
-                    row["seed"] = seed
-                eval_sampler = _eval_sampler(cfg, g)
-                metric = store.cached(row)
-                if metric is None:
-                    extrapolator.set_w(w)
-                    metric = evaluate(sample_metric, model, ctx.spec.parse_sampler(eval_sampler), n,
-                                      ev.seed if seed is None else seed, ev.chunk)
-                store.add({**row, "eval_sampler": eval_sampler, "metric_name": metric_name, "metric": metric})
-                point = (row["checkpoint"], w, g)
-                if n == ev.n and seed is None and point not in drawn:  # the selection's points only
-                    drawn.add(point)
-                    _curve_point(tracker, {**row, "metric": metric}, metric_name)
-                return metric
-
-            (bw, bg), best, seen = search(metric_at, sw.w_grid(), sw.guidance, mode=sw.mode, tol=sw.tol,
-                                          refine_w=sw.refine_w, refine_guidance=sw.refine_guidance)
-            (_, g0), m0 = min(((k, m) for k, m in seen.items() if k[0] == 0.0), key=lambda km: km[1])
-            entry = {"checkpoint": ckpt["name"], "steps": ckpt["steps"], "sampler": ckpt["sampler"],
-                     "metric_w0": m0, "best_w": bw, "best_metric": best, "n": ev.n, "points": len(seen)}
-            if sw.guidance_key is not None:
-                entry["best_guidance"], entry["guidance_w0"] = bg, g0
-            if sw.final_n:
-                entry["final_n"] = sw.final_n
-                entry["final_metric"] = metric_at(bw, bg, n=sw.final_n)
-            # ---------------------------------------------------------- Repeats: error bars
-            if sw.repeats:
-                seeds = [rng.seed_of(ev.seed, "repeat", r) for r in range(sw.repeats)]
-                at_zero = [metric_at(0.0, g0, seed=sd) for sd in seeds]
-                at_best = [metric_at(bw, bg, seed=sd) for sd in seeds]
-                entry["repeats"] = {"seeds": len(seeds), "w0": _mean_se(at_zero), "best": _mean_se(at_best),
-                                    "diff": _mean_se([b - z for b, z in zip(at_best, at_zero)])}
+            entry = _sweep_checkpoint(ctx, points, ckpt, extrapolator)
             if ctx.spec.makes_images and dist.is_main():  # drawn now: each Delta is held only in its turn
-                if not pictures:
-                    pictures.append(_panel(ctx, model, extrapolator, 0.0, entry.get("guidance_w0"), "w = 0"))
-                pictures.append(_panel(ctx, model, extrapolator, bw, bg, f"{ckpt['name']}: best w = {bw}"))
+                _add_panels(pictures, ctx, model, extrapolator, ckpt, entry)
             summary.append(entry)
             _summary_scalars(tracker, entry, metric_name)
-            bar.update(info=f"{ckpt['name']}: best w {bw} ({best:.4f})")
+            bar.update(info=f"{ckpt['name']}: best w {entry['best_w']} ({entry['best_metric']:.4f})")
     # ------------------------------------------------------------------ Report
+    _write_report(ctx, stage, summary, store, pictures, metric_name, tracker)
+    stage.mark_done()
+    print_summary(summary, metric_name)
+
+
+def _sample_metric(ctx: RunContext) -> SampleMetric:
+    """Image models: the backbone of `eval.features` against the reference statistics (stages/metric.py
+    prepares both); other models: their own features and reference."""
+    if not ctx.spec.makes_images:
+        return SampleMetric(ctx.spec)
+    ev = ctx.cfg.eval
+    weights, ref, _info = metric_stage.prepare(ctx)
+    return SampleMetric(ctx.spec, load_backbone(ev.features, weights, batch_size=ev.batch_size), ref, ctx.model_args())
+
+
+def _point_row(ckpt: dict, w: float, g, n: int, seed: int | None, guidance_key: str | None) -> dict:
+    """A point's record in results.jsonl, less what its evaluation gives (guidance and seed only
+    where they apply)."""
+    row = {"checkpoint": ckpt["name"], "steps": ckpt["steps"], "sampler": ckpt["sampler"], "w": w, "n": n}
+    if guidance_key is not None:
+        row["guidance"] = g
+    if seed is not None:
+        row["seed"] = seed
+    return row
+
+
+class _Points:
+    """The metric at a sweep point: read from the cache or evaluated, then persisted and (the
+    selection's points) drawn on the curve."""
+
+    def __init__(self, ctx: RunContext, sample_metric: SampleMetric, model: torch.nn.Module, store: PointStore,
+                 tracker: Tracker, metric_name: str):
+        self.ctx, self.sample_metric, self.model, self.store = ctx, sample_metric, model, store
+        self.tracker, self.metric_name = tracker, metric_name
+        self.drawn: set[tuple] = set()  # curve points already logged (final_n may repeat one; repeats are not on it)
+
+    def metric(self, ckpt: dict, extrapolator: Extrapolator, w: float, g, n: int, seed: int | None = None) -> float:
+        cfg = self.ctx.cfg
+        row = _point_row(ckpt, w, g, n, seed, cfg.sweep.guidance_key)
+        eval_sampler = _eval_sampler(cfg, g)
+        metric = self.store.cached(row)
+        if metric is None:
+            metric = self._evaluate(extrapolator, w, eval_sampler, n, seed)
+        self.store.add({**row, "eval_sampler": eval_sampler, "metric_name": self.metric_name, "metric": metric})
+        if n == cfg.eval.n and seed is None:  # the selection's points only
+            self._draw(row, g, metric)
+        return metric
+
+    def _evaluate(self, extrapolator: Extrapolator, w: float, eval_sampler: dict, n: int, seed: int | None) -> float:
+        ev = self.ctx.cfg.eval
+        extrapolator.set_w(w)
+        return evaluate(self.sample_metric, self.model, self.ctx.spec.parse_sampler(eval_sampler), n,
+                        ev.seed if seed is None else seed, ev.chunk)
+
+    def _draw(self, row: dict, g, metric: float) -> None:
+        point = (row["checkpoint"], row["w"], g)
+        if point not in self.drawn:
+            self.drawn.add(point)
+            _curve_point(self.tracker, {**row, "metric": metric}, self.metric_name)
+
+
+def _sweep_checkpoint(ctx: RunContext, points: _Points, ckpt: dict, extrapolator: Extrapolator) -> dict:
+    """One checkpoint's summary entry: the selection rule's best point and the best at w = 0, with
+    the final_n re-evaluation and the repeats when asked for."""
+    sw, ev = ctx.cfg.sweep, ctx.cfg.eval
+    metric_at = functools.partial(points.metric, ckpt, extrapolator)
+    (bw, bg), best, seen = search(functools.partial(metric_at, n=ev.n), sw.w_grid(), sw.guidance, mode=sw.mode,
+                                  tol=sw.tol, refine_w=sw.refine_w, refine_guidance=sw.refine_guidance)
+    (_, g0), m0 = min(((k, m) for k, m in seen.items() if k[0] == 0.0), key=lambda km: km[1])
+    entry = {"checkpoint": ckpt["name"], "steps": ckpt["steps"], "sampler": ckpt["sampler"],
+             "metric_w0": m0, "best_w": bw, "best_metric": best, "n": ev.n, "points": len(seen)}
+    if sw.guidance_key is not None:
+        entry["best_guidance"], entry["guidance_w0"] = bg, g0
+    if sw.final_n:
+        entry["final_n"] = sw.final_n
+        entry["final_metric"] = metric_at(bw, bg, n=sw.final_n)
+    if sw.repeats:
+        entry["repeats"] = _repeats(metric_at, sw.repeats, ev, (0.0, g0), (bw, bg))
+    return entry
+
+
+def _repeats(metric_at, repeats: int, ev, zero: tuple, best: tuple) -> dict:
+    """Error bars: w = 0 and the best w, each at its (w, guidance), with `repeats` fresh evaluation
+    seeds (not the selection's: its luck would bias them); mean, standard error, paired difference."""
+    seeds = [rng.seed_of(ev.seed, "repeat", r) for r in range(repeats)]
+    at_zero = [metric_at(*zero, n=ev.n, seed=sd) for sd in seeds]
+    at_best = [metric_at(*best, n=ev.n, seed=sd) for sd in seeds]
+    return {"seeds": len(seeds), "w0": _mean_se(at_zero), "best": _mean_se(at_best),
+            "diff": _mean_se([b - z for b, z in zip(at_best, at_zero)])}
+
+
+def _add_panels(pictures: list, ctx: RunContext, model, extrapolator: Extrapolator, ckpt: dict, entry: dict) -> None:
+    """samples.png's panels: w = 0 (once, first) and this checkpoint's best w."""
+    if not pictures:
+        pictures.append(_panel(ctx, model, extrapolator, 0.0, entry.get("guidance_w0"), "w = 0"))
+    bw = entry["best_w"]
+    pictures.append(_panel(ctx, model, extrapolator, bw, entry.get("best_guidance"), f"{ckpt['name']}: best w = {bw}"))
+
+
+def _write_report(ctx: RunContext, stage: StageDir, summary: list[dict], store: PointStore, pictures: list,
+                  metric_name: str, tracker: Tracker) -> None:
+    """samples.png, summary.json and fid_vs_w.png (rank 0)."""
     if dist.is_main():
         if pictures:
             _samples_picture(pictures, _num_classes(ctx), PER_CLASS, stage.path / "samples.png")
-        write_json(summary_path, summary)
+        write_json(stage.path / "summary.json", summary)
         _plot(summary, store, stage.path / "fid_vs_w.png", metric_name, tracker)
-    stage.mark_done()
-    print_summary(summary, metric_name)
 
 
 PER_CLASS = 8  # samples per class row of samples.png

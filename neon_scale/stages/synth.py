@@ -53,14 +53,11 @@ def run(ctx: RunContext) -> None:
                 path = set_dir / shard_name(c)
                 todo = c < n_shards and not path.exists()
                 count = min(cfg.shard_size, cfg.n - c * cfg.shard_size)
-                batches = iter(sample_batches(ctx, model, count, rng.generator(cfg.seed, tag, c), sampler,
-                                              cfg.batch_size, c * cfg.shard_size) if todo else ())
-                parts = []
-                for _ in range(per_shard):  # the same count on every rank, with work or without
-                    part = next(batches, None)
-                    if part is not None:
-                        parts.append(part)
-                    stop.check(f"synth {tag} (shard round {r + 1}/{rounds})", f"finished shards kept in {set_dir}")
+                batches = sample_batches(ctx, model, count, rng.generator(cfg.seed, tag, c), sampler,
+                                         cfg.batch_size, c * cfg.shard_size) if todo else ()
+                # a stop point per sampling batch, as many on every rank, with work or without
+                parts = list(stop.turns(batches, per_shard, f"synth {tag} (shard round {r + 1}/{rounds})",
+                                        f"finished shards kept in {set_dir}"))
                 if todo:
                     write_shard(path, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, record_settings,
                                 key_prefix=f"{c:06d}")

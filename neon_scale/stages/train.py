@@ -10,11 +10,12 @@ step, rank), not of history.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import pathlib
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -28,7 +29,7 @@ from ..train import train_state
 from ..train.ema import PartitionEMA
 from ..train.deepspeed_config import micro_batch_size
 from ..train.deepspeed_engine import full_fp32_state_dict, initialize
-from ..tracking import open_tracker
+from ..tracking import Tracker, open_tracker
 from .common import RunContext, StageDir, sampler_tag
 
 
@@ -67,106 +68,185 @@ def run_trainer(ctx: RunContext, cfg: TrainConfig, build: Callable[[], torch.nn.
     """The one DeepSpeed trainer (fine-tunes, and image bases trained from scratch): the model that
     `build()` returns, trained on the shards of `data_dir` with `cfg`; its weights (the EMA when on)
     written to `export(step)` at every save step; checkpoints, metrics.jsonl and done.json in `out_dir`."""
-    ckpt_dir = out_dir / "ckpt"
-    save_steps = sorted(set(cfg.save_steps))
     if (out_dir / "done.json").is_file():
         log(f"train {tag}: complete, skipped")
         return
-    rank, world = dist.rank(), dist.world()
-    micro = micro_batch_size(cfg, world)
-    model = build()
-    if cfg.activation_checkpointing:
-        ctx.spec.enable_activation_checkpointing(model)
-    null = ctx.spec.null_class(ctx.model_args()) if cfg.label_dropout > 0 else None
-    engine = initialize(ctx.spec, model, cfg, world)
-    ema = PartitionEMA(engine, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    state = train_state.resume(engine, ckpt_dir, ema) or {}
+    save_steps = sorted(set(cfg.save_steps))
+    total = save_steps[-1]
+
+    # ------------------------------------------------------------------ Set up the engine
+    ckpt_dir = out_dir / "ckpt"
+    micro = micro_batch_size(cfg, dist.world())  # before the model is built: a bad batch split fails at once
+    engine, ema, null = _set_up_engine(ctx, cfg, build)
+    # ------------------------------------------------------------------ Resume
+    state = _resume(engine, ckpt_dir, ema, cfg, tag)
     start = int(state.get("step", 0))
-    if start:
-        how = "" if state.get("world", world) == world else f", re-partitioned from {state['world']} to {world} rank(s)"
-        log(f"train {tag}: resuming from step {start} ({start * cfg.global_batch} images seen{how})")
-    loader = MicroBatchLoader(data_dir, micro, cfg.seed, rank, world, cfg.workers, cfg.skip_bad,
-                              state.get("loader"), grad_accum=cfg.grad_accum)
+    loader = MicroBatchLoader(data_dir, micro, cfg.seed, dist.rank(), dist.world(), cfg.workers, cfg.skip_bad,
+                              state.get("loader"), grad_accum=cfg.grad_accum)  # at the checkpoint's stream position
+    run = _Run(cfg, tag, engine, ema, loader, null, ckpt_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = out_dir / "metrics.jsonl"
     _trim_metrics(metrics, start)
-    total = save_steps[-1]
 
-    def bad_total() -> int:  # collective
-        return int(dist.all_reduce_sum(torch.tensor([loader.bad], dtype=torch.float64)).item())
-
-    def save_checkpoint(step: int) -> None:
-        train_state.save(engine, ckpt_dir, step, {"loader": loader.state(bad_total())}, ema, cfg.keep_last)
-
+    # ------------------------------------------------------------------ Train
     name = str(out_dir.relative_to(ctx.run_dir)) if out_dir.is_relative_to(ctx.run_dir) else tag
     purge = start + 1 if start else None  # TensorBoard then hides what a stopped run logged after its checkpoint
     with progress(f"train {tag}", total) as bar, open_tracker(ctx.run_dir, ctx.cfg.run, name, purge_step=purge) as tracker:
         bar.update(completed=start)
-        tick, tick_step = time.perf_counter(), start
+        speed = _Throughput(start, cfg.global_batch)
         for step in range(start, total):
             # ---------------------------------------------------------- One optimizer step
-            loss_sum, norm = 0.0, None
-            for k in range(cfg.grad_accum):
-                batch = loader.next()
-                offset = batch.pop("__offset__")
-                if null is not None:  # noise follows the sample's place in the step, not the rank
-                    batch = drop_labels(batch, cfg.label_dropout, null,
-                                        rng.StepNoise((cfg.seed, "labels", step), cfg.global_batch, offset))
-                loss = engine(batch, rng.StepNoise((cfg.seed, "loss", step), cfg.global_batch, offset))
-                engine.backward(loss)
-                if k == cfg.grad_accum - 1:
-                    norm = _grad_norm_before_step(engine)
-                engine.step()
-                loss_sum += loss.item()
             done = step + 1
-            norm = engine.get_global_grad_norm() if norm is None else norm
-            norm = None if norm is None else float(norm)
-            if dist.any_flag(not math.isfinite(loss_sum)):
-                raise NeonError(f"train {tag}: non-finite loss at step {done}; last good checkpoint kept in {ckpt_dir}")
-            # fp16 overflows are the loss scaler's business (DeepSpeed skips the step); not so in fp32/bf16
-            if dist.any_flag(norm is not None and not math.isfinite(norm) and cfg.dtype != "fp16"):
-                raise NeonError(f"train {tag}: non-finite gradient norm at step {done}; last good checkpoint kept "
-                                f"in {ckpt_dir}")
-            if ema is not None and engine.was_step_applied():
+            loss_sum, norm = _optimizer_step(run, step)
+            _check_finite(run, done, loss_sum, norm)
+            if ema is not None and engine.was_step_applied():  # fp16: not when the loss scaler skipped it
                 ema.update()
             # ---------------------------------------------------------- Report status
             if done % cfg.log_every == 0 or done == total:
-                mean = dist.all_reduce_sum(torch.tensor([loss_sum / cfg.grad_accum], dtype=torch.float64)).item() / world
-                bad = bad_total()
-                now = time.perf_counter()
-                speed = (done - tick_step) * cfg.global_batch / max(now - tick, 1e-9)
-                tick, tick_step = now, done
-                lr = engine.get_lr()[0]
-                if dist.is_main():
-                    row = {"step": done, "images": done * cfg.global_batch, "loss": mean, "lr": lr, "grad_norm": norm,
-                           "images_per_s": round(speed, 1), "bad_records": bad}
-                    with disk_errors(metrics), open(metrics, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    tracker.scalars("train", {k: row[k] for k in ("loss", "lr", "grad_norm", "images_per_s")}, done)
-                bar.update(completed=done, info=f"loss {mean:.5f}  lr {lr:.2e}  {speed:,.0f} img/s"
-                                                 + (f"  bad {bad}" if bad else ""))
+                _report_status(run, done, loss_sum, norm, speed, metrics, bar, tracker)
             # ---------------------------------------------------------- Save snapshot
             if done in save_steps:
-                with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-                    state_dict = full_fp32_state_dict(engine)
-                if dist.is_main():
-                    save_state_dict(export(done), state_dict,
-                                    {"step": done, "sampler": tag, "weights": "ema" if ema else "model"})
-            every = cfg.ckpt_every_images
-            crossed = every > 0 and (done * cfg.global_batch) // every > (step * cfg.global_batch) // every
-            saved = done in save_steps or crossed
+                _export_weights(run, done, export)
+            saved = done in save_steps or _crossed_checkpoint(cfg, step)
             if saved:
-                save_checkpoint(done)
+                run.save_checkpoint(done)
             # ---------------------------------------------------------- Stop on a signal (all ranks agree)
             if done < total and stop.agreed():
-                if not saved:
-                    save_checkpoint(done)
-                raise stop.Stopped(stop.message(f"train {tag}", f"checkpoint at step {done} ({done * cfg.global_batch} "
-                                                                f"images) in {ckpt_dir}"))
-    bad = bad_total()
+                _stop(run, done, saved)
+
+    # ------------------------------------------------------------------ Done
+    bad = run.bad_total()
     if dist.is_main():
         write_json(out_dir / "done.json", {"steps": save_steps, "bad_records": bad})
     log(f"train {tag}: weights at steps {save_steps} -> {export(save_steps[-1]).parent}")
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the phases of one training run share."""
+    cfg: TrainConfig
+    tag: str
+    engine: Any
+    ema: PartitionEMA | None
+    loader: MicroBatchLoader
+    null: int | None  # the null class of label dropout; None without it
+    ckpt_dir: pathlib.Path
+
+    def bad_total(self) -> int:  # collective
+        return int(dist.all_reduce_sum(torch.tensor([self.loader.bad], dtype=torch.float64)).item())
+
+    def save_checkpoint(self, step: int) -> None:
+        train_state.save(self.engine, self.ckpt_dir, step, {"loader": self.loader.state(self.bad_total())}, self.ema,
+                         self.cfg.keep_last)
+
+
+def _set_up_engine(ctx: RunContext, cfg: TrainConfig,
+                   build: Callable[[], torch.nn.Module]) -> tuple[Any, PartitionEMA | None, int | None]:
+    """(the DeepSpeed engine around build()'s model, its EMA or None, the null class of label
+    dropout or None)."""
+    model = build()
+    if cfg.activation_checkpointing:
+        ctx.spec.enable_activation_checkpointing(model)
+    null = ctx.spec.null_class(ctx.model_args()) if cfg.label_dropout > 0 else None
+    engine = initialize(ctx.spec, model, cfg, dist.world())
+    ema = PartitionEMA(engine, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    return engine, ema, null
+
+
+def _resume(engine, ckpt_dir: pathlib.Path, ema: PartitionEMA | None, cfg: TrainConfig, tag: str) -> dict:
+    """Weights, optimizer and EMA from the newest checkpoint in ckpt_dir; its trainer state ({} when
+    there is none: a fresh run)."""
+    state = train_state.resume(engine, ckpt_dir, ema) or {}
+    start, world = int(state.get("step", 0)), dist.world()
+    if start:
+        how = "" if state.get("world", world) == world else f", re-partitioned from {state['world']} to {world} rank(s)"
+        log(f"train {tag}: resuming from step {start} ({start * cfg.global_batch} images seen{how})")
+    return state
+
+
+def _optimizer_step(run: _Run, step: int) -> tuple[float, float | None]:
+    """One optimizer step over grad_accum micro-batches: (the summed loss, the gradient norm or None)."""
+    cfg, engine = run.cfg, run.engine
+    loss_sum, norm = 0.0, None
+    for k in range(cfg.grad_accum):
+        batch = run.loader.next()
+        offset = batch.pop("__offset__")
+        if run.null is not None:  # noise follows the sample's place in the step, not the rank
+            batch = drop_labels(batch, cfg.label_dropout, run.null,
+                                rng.StepNoise((cfg.seed, "labels", step), cfg.global_batch, offset))
+        loss = engine(batch, rng.StepNoise((cfg.seed, "loss", step), cfg.global_batch, offset))
+        engine.backward(loss)
+        if k == cfg.grad_accum - 1:
+            norm = _grad_norm_before_step(engine)
+        engine.step()
+        loss_sum += loss.item()
+    norm = engine.get_global_grad_norm() if norm is None else norm
+    return loss_sum, None if norm is None else float(norm)
+
+
+def _check_finite(run: _Run, done: int, loss_sum: float, norm: float | None) -> None:
+    """Guards (collective): a non-finite loss or gradient norm on any rank ends the run, on every rank."""
+    cfg, tag = run.cfg, run.tag
+    if dist.any_flag(not math.isfinite(loss_sum)):
+        raise NeonError(f"train {tag}: non-finite loss at step {done}; last good checkpoint kept in {run.ckpt_dir}")
+    # fp16 overflows are the loss scaler's business (DeepSpeed skips the step); not so in fp32/bf16
+    if dist.any_flag(norm is not None and not math.isfinite(norm) and cfg.dtype != "fp16"):
+        raise NeonError(f"train {tag}: non-finite gradient norm at step {done}; last good checkpoint kept "
+                        f"in {run.ckpt_dir}")
+
+
+class _Throughput:
+    """Images per second between two status reports."""
+
+    def __init__(self, step: int, global_batch: int):
+        self.tick, self.step, self.global_batch = time.perf_counter(), step, global_batch
+
+    def since_last(self, step: int) -> float:
+        now = time.perf_counter()
+        speed = (step - self.step) * self.global_batch / max(now - self.tick, 1e-9)
+        self.tick, self.step = now, step
+        return speed
+
+
+def _report_status(run: _Run, done: int, loss_sum: float, norm: float | None, throughput: _Throughput,
+                   metrics: pathlib.Path, bar, tracker: Tracker) -> None:
+    """A line of metrics.jsonl and the tracker's curves (rank 0), the progress bar (collective)."""
+    cfg = run.cfg
+    mean = dist.all_reduce_sum(torch.tensor([loss_sum / cfg.grad_accum], dtype=torch.float64)).item() / dist.world()
+    bad = run.bad_total()
+    speed = throughput.since_last(done)
+    lr = run.engine.get_lr()[0]
+    if dist.is_main():
+        row = {"step": done, "images": done * cfg.global_batch, "loss": mean, "lr": lr, "grad_norm": norm,
+               "images_per_s": round(speed, 1), "bad_records": bad}
+        with disk_errors(metrics), open(metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        tracker.scalars("train", {k: row[k] for k in ("loss", "lr", "grad_norm", "images_per_s")}, done)
+    bar.update(completed=done, info=f"loss {mean:.5f}  lr {lr:.2e}  {speed:,.0f} img/s"
+                                     + (f"  bad {bad}" if bad else ""))
+
+
+def _export_weights(run: _Run, done: int, export: Callable[[int], pathlib.Path]) -> None:
+    """theta at a save step as fp32 safetensors (the EMA when on): gathered on every rank, written by rank 0."""
+    ema = run.ema
+    with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+        state_dict = full_fp32_state_dict(run.engine)
+    if dist.is_main():
+        save_state_dict(export(done), state_dict, {"step": done, "sampler": run.tag, "weights": "ema" if ema else "model"})
+
+
+def _crossed_checkpoint(cfg: TrainConfig, step: int) -> bool:
+    """Whether step -> step + 1 crosses a multiple of ckpt_every_images images."""
+    every = cfg.ckpt_every_images
+    return every > 0 and ((step + 1) * cfg.global_batch) // every > (step * cfg.global_batch) // every
+
+
+def _stop(run: _Run, done: int, saved: bool) -> None:
+    """End on a stop signal, with a checkpoint at this step (the rerun resumes exactly here)."""
+    if not saved:
+        run.save_checkpoint(done)
+    raise stop.Stopped(stop.message(f"train {run.tag}", f"checkpoint at step {done} ({done * run.cfg.global_batch} "
+                                                        f"images) in {run.ckpt_dir}"))
 
 
 def run(ctx: RunContext) -> None:

@@ -2,6 +2,10 @@
 check of a user's own JSON (`train.deepspeed_json`), one line naming the file and key."""
 from __future__ import annotations
 
+import difflib
+import json
+import pathlib
+
 from ..config import Config, TrainConfig
 from ..errors import NeonError
 
@@ -56,7 +60,7 @@ _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_a
 
 
 def _known_top_level() -> set[str]:
-    import deepspeed.runtime.constants as constants
+    import deepspeed.runtime.constants as constants  # lazy: loading a config must never import DeepSpeed
 
     scalars = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str) and v.islower() and " " not in v}
     return scalars | _SECTIONS
@@ -65,10 +69,6 @@ def _known_top_level() -> set[str]:
 def load_user_json(path: str) -> dict:
     """Read a user's DeepSpeed JSON; one line naming the file and key for anything DeepSpeed would
     not understand (top-level keys, and the zero_optimization section via DeepSpeed's own model)."""
-    import difflib
-    import json
-    import pathlib
-
     p = pathlib.Path(path)
     if not p.is_file():
         raise NeonError(f"{p}: DeepSpeed JSON not found (train.deepspeed_json)")
@@ -84,6 +84,7 @@ def load_user_json(path: str) -> dict:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             raise NeonError(f"{p}: unknown DeepSpeed key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
     if isinstance(user.get("zero_optimization"), dict):
+        # lazy, as above: only a user JSON with a zero_optimization section needs DeepSpeed's model
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
         from pydantic import ValidationError
 

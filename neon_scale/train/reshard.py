@@ -25,9 +25,13 @@ import contextlib
 import pathlib
 
 import torch
+import torch.distributed as tdist
 
 from ..errors import NeonError, first_line
 from ..merge.zero import ZeroCheckpointSource
+
+# deepspeed.utils is imported in the methods that call it: importing DeepSpeed builds its op table
+# (seconds), and a run that only samples or sweeps never needs it.
 
 
 def _flat_masters(opt) -> list[torch.Tensor]:
@@ -89,8 +93,6 @@ class _Zero3:
 
     @staticmethod
     def _local(p, full: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as tdist
-
         n = p.ds_tensor.numel()
         rank = tdist.get_rank(group=getattr(p, "ds_process_group", None))
         flat = full.reshape(-1)
