@@ -15,6 +15,9 @@ import sys
 
 from .errors import DISK_FULL, NeonError, Stopped
 
+# The commands import the package inside their functions, the one place that does: each loads only
+# what it runs (torch, DeepSpeed and Triton take seconds to import; `neon --help` needs none).
+
 STAGE_HELP = {
     "run": "run every stage in order (finished stages are skipped)",
     "base": "train or import theta_r (safetensors)",

@@ -31,6 +31,7 @@ LAZY_OK = {"matplotlib", "diffusers", "triton", "deepspeed", "wandb", "tensorboa
 # cli.py is the one package module allowed to import the package lazily: each command loads only
 # what it runs (torch and DeepSpeed take seconds to import; `neon --help` needs neither).
 LAZY_PACKAGE_OK = {"neon_scale.cli"}
+EXTENSIONS = {"neon_scale._fid_ops"}  # built from csrc/ by setup.py: no .py file to read
 
 
 def layer_of(module: str, layers=LAYERS) -> int:
@@ -100,8 +101,11 @@ def check(mods: dict[str, pathlib.Path], package: str, layers=LAYERS) -> list[st
         for target, line, local, text in imports_of(mod, path, known, package):
             where = f"{rel}:{line}: `{text.strip()}`"
             if target == package or target.startswith(package + "."):
+                if target in EXTENSIONS:
+                    continue
                 if target not in known:
-                    continue  # a compiled extension (neon_scale._fid_ops) or a name in a package
+                    problems.append(f"{where} imports {target}, which is not a module of the package")
+                    continue
                 if target == mod:
                     continue
                 graph[mod].setdefault(target, where)
@@ -220,6 +224,11 @@ def test_the_checker_lets_heavy_optional_imports_wait_and_nothing_else(tmp_path)
                                                             "def g():\n    import json\n", "cli.py": ""})
     problems = check(mods, "pkg", TOY_LAYERS)
     assert len(problems) == 1 and "errors.py:4" in problems[0] and "'json'" in problems[0], problems
+
+
+def test_the_checker_names_an_import_of_a_module_that_does_not_exist(tmp_path):
+    mods = _tree(tmp_path, {"__init__.py": "", "errors.py": "def f():\n    from .vae import build\n", "cli.py": ""})
+    assert any("errors.py:2" in p and "pkg.vae, which is not a module" in p for p in check(mods, "pkg", TOY_LAYERS))
 
 
 @pytest.mark.parametrize("bad", ["from .cli import main\n", "import pkg.cli\n"])

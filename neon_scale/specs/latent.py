@@ -14,6 +14,7 @@ import torch
 
 from ..errors import NeonError
 from ..models.layers import check_labels
+from ..models.vae import build_vae
 from .base import ModelSpec
 
 RANDOM_VAE = "random"  # model.args.vae: a small randomly initialised VAE (tests, tiny configs)
@@ -69,8 +70,6 @@ class LatentImageSpec(ModelSpec):
 
     def vae(self, args, device: torch.device):
         """The configured VAE on `device`, built once per (file, device)."""
-        from .vae import build_vae
-
         key = (args.vae, str(device))
         if key not in self._vaes:
             path = None if args.vae == RANDOM_VAE else args.vae
