@@ -27,6 +27,7 @@ shard of the epoch that has one.
 from __future__ import annotations
 
 import bisect
+import gc
 import pathlib
 
 import numpy as np
@@ -165,6 +166,20 @@ class ShardStream(IterableDataset):
             yield {"__error__": str(e)}
 
 
+def _forked_iter(loader: DataLoader):
+    """The loader's iterator (its workers fork here) with the parent's objects frozen out of the
+    collector: a forked worker then never finalizes garbage it inherited in the middle of its own
+    work. Measured: under Python 3.11 such a finalizer, run inside numpy's .npy header parse
+    (ast.literal_eval), broke the parse ("AST constructor recursion depth mismatch") after some
+    test sequences. Also the pattern Python's gc docs give for fork: no copy-on-write by the
+    child's collections."""
+    gc.freeze()
+    try:
+        return iter(loader)
+    finally:
+        gc.unfreeze()
+
+
 class MicroBatchLoader:
     """This rank's micro-batches in order (round-robin over the workers, as the DataLoader hands
     them out), each with "__offset__" (where it starts within its step), and the state to save
@@ -185,7 +200,7 @@ class MicroBatchLoader:
         self._loader = DataLoader(self.dataset, batch_size=None, num_workers=workers,
                                   prefetch_factor=4 if workers else None,
                                   worker_init_fn=stop.ignore_in_worker if workers else None)
-        self._it = iter(self._loader)
+        self._it = _forked_iter(self._loader) if workers else iter(self._loader)
 
     def next(self) -> dict[str, torch.Tensor]:
         batch = next(self._it)
