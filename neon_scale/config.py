@@ -119,8 +119,21 @@ MAX_GRID = 10_000  # points of sweep.w_grid and of sweep.guidance: beyond it a c
 
 
 @dataclass
+class RaceConfig:
+    """sweep.mode = race: every (w, guidance) of the grid starts at n0 samples; points worse than the
+    round's best by more than z standard errors of the difference drop out; survivors double n."""
+    n0: int = setting(1000, min=2, help="samples per point in the first round (a multiple of eval.chunk, so that "
+                                        "larger rounds reuse its chunks)")
+    z: float = setting(2.0, min=0.0, help="drop a point when its difference to the best exceeds z standard errors")
+    tol: float = setting(0.0, min=0.0, help="stop when every survivor is within tol of the best with confidence "
+                                            "(difference + z se <= tol); 0: race until one point or eval.n")
+
+
+@dataclass
 class SweepConfig:
-    mode: str = setting("early_stop", choices=["early_stop", "grid"])
+    mode: str = setting("early_stop", choices=["early_stop", "grid", "race"],
+                        help="early_stop: the authors' rule; grid: every point; race: every point at a small n, "
+                             "the clearly worse dropped, survivors at doubled n (sweep.race)")
     w_min: float = setting(-2.0)
     w_max: float = setting(2.0)
     w_step: float = setting(0.25)
@@ -130,6 +143,7 @@ class SweepConfig:
     refine_w: float = setting(0.1, min=0.0, help="half-width of the refine grid in w (0 = no refine)")
     refine_guidance: float = setting(0.1, min=0.0)
     final_n: Optional[int] = setting(None, min=2, help="re-evaluate each best point with this many samples")
+    race: RaceConfig = field(default_factory=RaceConfig)
     repeats: int = setting(0, min=0, help="re-evaluate w = 0 and the best w (each at its best guidance) with this many "
                                      "fresh evaluation seeds: mean and standard error of both and of the difference")
 
@@ -279,6 +293,11 @@ def validate(cfg: Config, where: str) -> None:
     elif cfg.sweep.guidance:
         raise NeonError(f"{where}: 'sweep.guidance' is set but 'sweep.guidance_key' is not")
     cfg.sweep.w_grid()  # raises on an empty grid, or one too large
+    if cfg.sweep.mode == "race":
+        race = cfg.sweep.race
+        if race.n0 % cfg.eval.chunk or race.n0 > cfg.eval.n:
+            raise NeonError(f"{where}: 'sweep.race.n0' = {race.n0} must be a multiple of eval.chunk = {cfg.eval.chunk} "
+                            f"(a larger round reuses its chunks) and at most eval.n = {cfg.eval.n}")
     if cfg.sweep.repeats == 1:
         raise NeonError(f"{where}: 'sweep.repeats' = 1 gives no standard error: 0 (off) or at least 2")
     if cfg.base.weights is not None:

@@ -9,13 +9,27 @@ that w. Then a 3 x 3 refine grid of +-refine_w, +-refine_guidance around the bes
 The authors swept w > 0 only (mode-seeking samplers); walking both ways from 0 lets the same
 rule find w < 0 for diversity-seeking samplers.
 `grid`: every (w, guidance) of the grid, no refine.
+`race`: every (w, guidance) of the grid starts at n0 samples; each round drops the points whose
+difference to the round's best exceeds z standard errors of that difference (paired: the same
+noise), and doubles n for the survivors (a point at 2n reuses its n samples), until one point is
+left, or every survivor is within `tol` of the best with confidence (difference + z se <= tol),
+or n reaches n_max. The winner is the point with the lowest metric in the last round (ties: the
+smaller |w|, the smaller extrapolation).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
+
+from .metrics.uncertainty import paired_se
 
 Point = tuple[float, Optional[float]]
+
+
+class Estimate(Protocol):
+    """A point's metric and its jackknife replicates (stages.evaluate.Estimate)."""
+    metric: float
+    replicates: Optional[tuple[float, ...]]
 
 
 def _key(w: float, g: Optional[float]) -> Point:
@@ -69,3 +83,29 @@ def search(evaluate: Callable[[float, Optional[float]], float], w_grid: list[flo
                     ev(bw + dw, None if bg is None else bg + dg)
     best, metric = min(seen.items(), key=lambda kv: kv[1])
     return best, metric, seen
+
+
+def race(estimate: Callable[[float, Optional[float], int], Estimate], w_grid: list[float], guidance: list,
+         n0: int, n_max: int, z: float, tol: float = 0.0) -> tuple[Point, Estimate, dict[Point, Estimate], list[dict]]:
+    """Return (winner, its estimate, every point -> its estimate at the largest n it reached, the
+    rounds). `estimate(w, g, n)` gives an object with .metric and .replicates (stages.evaluate.Estimate)."""
+    if not w_grid:
+        raise ValueError("empty w grid")
+    alive = [_key(w, g) for w in w_grid for g in (list(guidance) or [None])]
+    last: dict[Point, Estimate] = {}
+    rounds, n = [], min(n0, n_max)
+    while True:
+        est = {p: estimate(*p, n) for p in alive}
+        last.update(est)
+        best = min(alive, key=lambda p: (est[p].metric, abs(p[0])))
+        gap = {p: (est[p].metric - est[best].metric, paired_se(est[p].replicates, est[best].replicates))
+               for p in alive}
+        # an unknown SE (too few samples) never drops a point
+        keep = [p for p in alive if p == best or gap[p][1] is None or gap[p][0] <= z * gap[p][1]]
+        rounds.append({"n": n, "points": len(alive), "kept": len(keep), "best": list(best),
+                       "best_metric": est[best].metric})
+        alive = keep
+        settled = all(p == best or (gap[p][1] is not None and gap[p][0] + z * gap[p][1] <= tol) for p in alive)
+        if len(alive) == 1 or settled or n >= n_max:
+            return best, est[best], last, rounds
+        n = min(2 * n, n_max)

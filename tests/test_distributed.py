@@ -58,10 +58,8 @@ def test_two_rank_eval_equals_one_rank(runs, tmp_path):
     proc = torchrun(LAUNCHER, "sweep", "--config", str(TOY), "--run-dir", str(copy), *small_overrides())
     assert proc.returncode == 0, proc.stderr[-3000:]
     read = lambda d: [json.loads(x) for x in (d / "sweep" / "results.jsonl").read_text().splitlines()]  # noqa: E731
-    ref, got = read(one), read(copy)
-    assert [(r["checkpoint"], r["w"]) for r in ref] == [(r["checkpoint"], r["w"]) for r in got]
-    for r, g in zip(ref, got):
-        assert abs(r["metric"] - g["metric"]) <= 1e-9 * abs(r["metric"])
+    # bit for bit, standard errors included: rank 0 sums the chunks' moments in chunk order
+    assert read(one) == read(copy)
 
 
 def test_two_rank_theta_s_matches_one_rank_closely(runs):

@@ -1,7 +1,10 @@
-"""The selection rule (early stop + refine) on functions with known minima."""
+"""The selection rules (early stop + refine, grid, race) on functions with known minima."""
+import math
+
+import numpy as np
 import pytest
 
-from neon_scale.selection import search
+from neon_scale.selection import race, search
 
 GRID = [round(-2 + 0.25 * i, 6) for i in range(17)]
 
@@ -53,3 +56,52 @@ def test_grid_mode_evaluates_everything_without_refine():
     ev, calls = counting(lambda w, g: (w - 1.1) ** 2)
     (bw, _), _, seen = search(ev, GRID, [], mode="grid", refine_w=0.1)
     assert len(calls) == len(GRID) and bw == 1.0
+
+
+# ------------------------------------------------------------------ race
+
+class Est:
+    def __init__(self, metric, replicates):
+        self.metric, self.replicates = metric, replicates
+
+
+def noisy(f, sd=1.0, blocks=20):
+    """Estimates of f(w) at n samples: noise of SD sd / sqrt(n) of its own per point, plus a noise
+    shared by every point (common random numbers), with jackknife replicates to match."""
+    calls = []
+
+    def est(w, g, n):
+        calls.append((w, g, n))
+        gen = np.random.default_rng([round(w * 1000) + 10_000, n])
+        shared = np.random.default_rng([n]).normal(size=blocks) * sd / math.sqrt(n) / math.sqrt(blocks - 1)
+        own = gen.normal(size=blocks) * 0.3 * sd / math.sqrt(n) / math.sqrt(blocks - 1)
+        reps = f(w) + shared + own
+        return Est(float(reps.mean()), tuple(reps))
+    return est, calls
+
+
+def test_race_finds_the_minimum_spending_samples_only_on_contenders():
+    est, calls = noisy(lambda w: (w - 0.5) ** 2)
+    grid = [round(-2 + 0.25 * i, 6) for i in range(17)]
+    (bw, bg), best, last, rounds = race(est, grid, [], n0=100, n_max=6400, z=2.0)
+    assert bw == 0.5 and bg is None
+    assert [r["n"] for r in rounds] == [100 * 2 ** i for i in range(len(rounds))]
+    assert rounds[0]["points"] == 17
+    assert rounds[-1]["kept"] == 1 or rounds[-1]["n"] == 6400
+    assert sum(n for _w, _g, n in calls) < 17 * 6400 / 5  # far less than every point at n_max
+    far = [w for w, _g, n in calls if abs(w - 0.5) >= 1.0]
+    assert all(n == 100 for w, _g, n in calls if w in far)  # clear losers: dropped in round 1
+    assert last[(0.5, None)] is best
+
+
+def test_race_stops_when_survivors_are_equivalent_within_tol_and_never_drops_without_an_se():
+    est, _ = noisy(lambda w: 0.0 if abs(w) <= 0.25 else 1.0)
+    _b, _e, _l, rounds = race(est, [-1.0, -0.25, 0.0, 0.25, 1.0], [], n0=100, n_max=10 ** 6, z=2.0, tol=0.05)
+    assert rounds[-1]["n"] < 10 ** 6 and rounds[-1]["kept"] == 3  # the flat bottom: settled, not raced to n_max
+    calls = []
+
+    def no_se(w, g, n):
+        calls.append(n)
+        return Est((w - 0.5) ** 2, None)
+    (bw, _), _e, _l, rounds = race(no_se, [0.0, 0.5, 1.0], [1.0, 2.0], n0=10, n_max=40, z=2.0)
+    assert bw == 0.5 and [r["kept"] for r in rounds] == [6, 6, 6] and max(calls) == 40

@@ -2,10 +2,14 @@
 theta_r + w (theta_r - theta_s) over (w, guidance) with the selection rule of neon_scale.sweep.
 The merge is done in place on the live model by neon_scale.merge.inplace (Delta kept per tensor).
 
-Every evaluated point is appended to sweep/results.jsonl (rewritten atomically), which doubles as
-the cache that makes a killed sweep resume where it stopped. w = 0 is the base model: evaluated
-once and shared by all checkpoints. Outputs: results.jsonl, summary.json, fid_vs_w.png, and for
-image models samples.png (a row per class at w = 0 and at each checkpoint's best w, same noise).
+Every evaluated point (its metric, n, jackknife standard error and replicates: stages/evaluate.py)
+is appended to sweep/results.jsonl (rewritten atomically), which doubles as the cache that makes
+a killed sweep resume where it stopped; the features of a checkpoint's samples stay in
+sweep/features/ until the checkpoint is done (a race's larger n reuses them). w = 0 is the base
+model: evaluated once per n and shared by all checkpoints. Outputs: results.jsonl, summary.json
+(per checkpoint: w = 0 and the best point at the same n with standard errors and the paired
+difference, the samples drawn, a race's rounds), fid_vs_w.png (bands of +-1 standard error), and
+for image models samples.png (a row per class at w = 0 and at each checkpoint's best w, same noise).
 
 Curves (rank 0, neon_scale.tracking, `<run>/tb/sweep`): every evaluated point of the selection
 under `<checkpoint>/<metric>` (`.../g=<guidance>` with a guidance sweep) at step round(w x 1000),
@@ -22,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 import textwrap
 
 import torch
@@ -32,9 +37,10 @@ from ..console import console, log, progress
 from ..io import atomic_path, load_state_dict, write_json, write_text
 from ..merge.inplace import Extrapolator, module_slots
 from ..metrics.backbones import METRIC_NAMES, load_backbone
-from ..selection import search
+from ..metrics.uncertainty import paired_se
+from ..selection import race, search
 from ..tracking import Tracker, open_tracker
-from .evaluate import SampleMetric, evaluate
+from .evaluate import Estimate, FeatureStore, SampleMetric, evaluate
 from . import metric as metric_stage
 from .common import RunContext, StageDir, sampler_tag
 
@@ -49,7 +55,7 @@ class PointStore:
     def __init__(self, path):
         self.path = path
         self.rows: dict[tuple, dict] = {}
-        self.metrics: dict[tuple, float] = {}
+        self.estimates: dict[tuple, Estimate] = {}
         lines = []
         if dist.is_main() and path.is_file():
             lines = path.read_text().splitlines()
@@ -64,15 +70,22 @@ class PointStore:
         source = "base" if row["w"] == 0 else row["checkpoint"]
         return source, row["w"], row.get("guidance"), row["n"], row.get("seed")
 
-    def cached(self, row) -> float | None:
-        return self.metrics.get(self.eval_key(row))
+    @staticmethod
+    def point_id(row) -> str:
+        """What a point's samples depend on besides the eval settings: its FeatureStore name."""
+        source, w, g, _n, seed = PointStore.eval_key(row)
+        return json.dumps([source, w, g, seed])
+
+    def cached(self, row) -> Estimate | None:
+        return self.estimates.get(self.eval_key(row))
 
     def add(self, row: dict, persist: bool = True) -> None:
         key = (row["checkpoint"], row["w"], row.get("guidance"), row["n"], row.get("seed"))
         if key in self.rows:
             return
+        reps = row["replicates"]  # KeyError: a row of an older version (no standard error), evaluated again
         self.rows[key] = row
-        self.metrics[self.eval_key(row)] = row["metric"]
+        self.estimates[self.eval_key(row)] = Estimate(row["metric"], row["n"], None if reps is None else tuple(reps))
         if persist and dist.is_main():
             write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows.values()))
 
@@ -85,17 +98,25 @@ def _plot(summary: list[dict], store: PointStore, path, metric_name: str, tracke
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in summary:
-        by_w: dict[float, float] = {}
+        # per w: the best over guidance, each point at the largest n it reached (a race's dropped
+        # points at a small n, with wide bands); repeats (own seeds) and final_n (larger n) are not on it
+        by_w: dict[float, tuple] = {}
         for (ckpt, w, _g, n, seed), row in store.rows.items():
-            if ckpt == s["checkpoint"] and n == s["n"] and seed is None:
-                by_w[w] = min(row["metric"], by_w.get(w, float("inf")))
+            if ckpt == s["checkpoint"] and n <= s["n"] and seed is None:
+                cand = (-n, row["metric"], row.get("se"))
+                by_w[w] = min(cand, by_w.get(w, cand))
         ws = sorted(by_w)
-        line, = ax.plot(ws, [by_w[w] for w in ws], marker="o", ms=3, label=s["checkpoint"])
+        ys = [by_w[w][1] for w in ws]
+        ses = [by_w[w][2] if by_w[w][2] is not None else 0.0 for w in ws]
+        line, = ax.plot(ws, ys, marker="o", ms=3, label=s["checkpoint"])
+        ax.fill_between(ws, [y - e for y, e in zip(ys, ses)], [y + e for y, e in zip(ys, ses)],
+                        color=line.get_color(), alpha=0.2, lw=0)
         ax.plot([s["best_w"]], [s["best_metric"]], marker="*", ms=12, color=line.get_color(), mec="black", mew=0.5)
     ax.set_yscale("log")
     ax.set_xlabel("w  (theta_neon = theta_r + w (theta_r - theta_s))")
     ax.set_ylabel(f"{metric_name} (best over guidance; lower is better)")
-    ax.set_title(f"Neon sweep: {metric_name} vs w per fine-tune checkpoint (star: chosen point)", fontsize=9)
+    ax.set_title(f"Neon sweep: {metric_name} vs w per fine-tune checkpoint (star: chosen point; band: ± 1 "
+                 f"standard error)", fontsize=9)
     ax.axvline(0.0, color="gray", lw=0.5)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
@@ -137,16 +158,23 @@ def _mean_se(values: list[float]) -> dict:
     return {"mean": mean, "se": sd / math.sqrt(n), "values": values}
 
 
+def _pm(value: float, se: float | None) -> str:
+    """'1.31 ± 0.01': a value and its standard error (none known: the value alone)."""
+    return f"{value:.4g}" if se is None or not math.isfinite(se) else f"{value:.4g} ± {se:.2g}"
+
+
 def print_summary(summary: list[dict], metric_name: str) -> None:
+    """The console table: each checkpoint's w = 0 and best point, value ± standard error (jackknife
+    over the point's samples; with sweep.repeats, over the repeat seeds), the difference and how
+    many standard errors it is (z; |z| < 2 is no evidence of a difference)."""
     if not dist.is_main():
         return
     repeats = all("repeats" in s for s in summary) and summary
-    table = Table(title=f"Neon sweep ({metric_name}, lower is better" +
-                  (f"; repeats: mean +- standard error over {summary[0]['repeats']['seeds']} evaluation seeds)"
-                   if repeats else ")"))
-    cols = ["checkpoint", "w=0", "best w", f"{metric_name} @ w=0", f"best {metric_name}", "ratio"]
-    if repeats:
-        cols += ["difference (repeats)", "z"]
+    how = (f"± standard error over {summary[0]['repeats']['seeds']} evaluation seeds" if repeats
+           else "± jackknife standard error")
+    table = Table(title=f"Neon sweep ({metric_name}, lower is better; {how})")
+    cols = ["checkpoint", "w=0", "best w", f"{metric_name} @ w=0", f"best {metric_name}", "ratio", "difference", "z",
+            "n", "images"]
     for col in cols:
         table.add_column(col, justify="left" if col == "checkpoint" else "right")
 
@@ -156,16 +184,15 @@ def print_summary(summary: list[dict], metric_name: str) -> None:
     for s in summary:
         if repeats:
             r = s["repeats"]
-            m0, mb = f"{r['w0']['mean']:.4g} +- {r['w0']['se']:.2g}", f"{r['best']['mean']:.4g} +- {r['best']['se']:.2g}"
-            ratio = r["best"]["mean"] / r["w0"]["mean"]
+            m0, mb, d = (_pm(r[k]["mean"], r[k]["se"]) for k in ("w0", "best", "diff"))
+            ratio, diff = r["best"]["mean"] / r["w0"]["mean"], r["diff"]
         else:
-            m0, mb, ratio = f"{s['metric_w0']:.4g}", f"{s['best_metric']:.4g}", s["best_metric"] / s["metric_w0"]
-        row = [s["checkpoint"], point(0.0, s.get("guidance_w0")), point(s["best_w"], s.get("best_guidance")), m0, mb,
-               f"{ratio:.3f}"]
-        if repeats:
-            d = s["repeats"]["diff"]
-            row += [f"{d['mean']:+.4g} +- {d['se']:.2g}", f"{d['mean'] / d['se']:+.1f}" if d["se"] > 0 else "-"]
-        table.add_row(*row)
+            m0, mb = _pm(s["metric_w0"], s.get("se_w0")), _pm(s["best_metric"], s.get("best_se"))
+            diff = s.get("diff") or {"mean": s["best_metric"] - s["metric_w0"], "se": None}
+            ratio, d = s["best_metric"] / s["metric_w0"], _pm(diff["mean"], diff["se"])
+        z = f"{diff['mean'] / diff['se']:+.1f}" if diff["se"] else "-"
+        table.add_row(s["checkpoint"], point(0.0, s.get("guidance_w0")), point(s["best_w"], s.get("best_guidance")),
+                      m0, mb, f"{ratio:.3f}", d, z, str(s["n"]), str(s.get("images", "-")))
     console.print(table)
 
 
@@ -226,7 +253,8 @@ def _sweep(ctx: RunContext, stage: StageDir, metric_name: str, tracker: Tracker)
     store = PointStore(stage.path / "results.jsonl")
     base_state = load_state_dict(ctx.base_weights())
     model = ctx.load_model(ctx.base_weights())
-    points = _Points(ctx, sample_metric, model, store, tracker, metric_name)
+    features = FeatureStore(stage.path / "features")  # rank 0's; emptied as checkpoints finish
+    points = _Points(ctx, sample_metric, model, store, features, tracker, metric_name)
     summary, pictures = [], []
     checkpoints = ctx.checkpoints()
     # ------------------------------------------------------------------ Sweep each checkpoint
@@ -242,6 +270,8 @@ def _sweep(ctx: RunContext, stage: StageDir, metric_name: str, tracker: Tracker)
             bar.update(info=f"{ckpt['name']}: best w {entry['best_w']} ({entry['best_metric']:.4f})")
     # ------------------------------------------------------------------ Report
     _write_report(ctx, stage, summary, store, pictures, metric_name, tracker)
+    if dist.is_main():
+        shutil.rmtree(features.root, ignore_errors=True)  # results.jsonl keeps every point's metric and replicates
     stage.mark_done()
     print_summary(summary, metric_name)
 
@@ -268,32 +298,41 @@ def _point_row(ckpt: dict, w: float, g, n: int, seed: int | None, guidance_key: 
 
 
 class _Points:
-    """The metric at a sweep point: read from the cache or evaluated, then persisted and (the
-    selection's points) drawn on the curve."""
+    """A sweep point's Estimate: read from the cache or evaluated, then persisted and (the
+    selection's points at eval.n) drawn on the curve. Evaluated features stay in `features` until
+    their checkpoint is done (`forget`), so a larger n reuses the samples of a smaller one."""
 
     def __init__(self, ctx: RunContext, sample_metric: SampleMetric, model: torch.nn.Module, store: PointStore,
-                 tracker: Tracker, metric_name: str):
+                 features: FeatureStore, tracker: Tracker, metric_name: str):
         self.ctx, self.sample_metric, self.model, self.store = ctx, sample_metric, model, store
-        self.tracker, self.metric_name = tracker, metric_name
+        self.features, self.tracker, self.metric_name = features, tracker, metric_name
         self.drawn: set[tuple] = set()  # curve points already logged (final_n may repeat one; repeats are not on it)
 
-    def metric(self, ckpt: dict, extrapolator: Extrapolator, w: float, g, n: int, seed: int | None = None) -> float:
+    def estimate(self, ckpt: dict, extrapolator: Extrapolator, w: float, g, n: int, seed: int | None = None) -> Estimate:
         cfg = self.ctx.cfg
         row = _point_row(ckpt, w, g, n, seed, cfg.sweep.guidance_key)
         eval_sampler = _eval_sampler(cfg, g)
-        metric = self.store.cached(row)
-        if metric is None:
-            metric = self._evaluate(extrapolator, w, eval_sampler, n, seed)
-        self.store.add({**row, "eval_sampler": eval_sampler, "metric_name": self.metric_name, "metric": metric})
+        est = self.store.cached(row)
+        if est is None:
+            extrapolator.set_w(w)
+            ev = cfg.eval
+            est = evaluate(self.sample_metric, self.model, self.ctx.spec.parse_sampler(eval_sampler), n,
+                           ev.seed if seed is None else seed, ev.chunk, self.features, PointStore.point_id(row))
+        self.store.add({**row, "eval_sampler": eval_sampler, "metric_name": self.metric_name, "metric": est.metric,
+                        "se": est.se, "replicates": None if est.replicates is None else list(est.replicates)})
         if n == cfg.eval.n and seed is None:  # the selection's points only
-            self._draw(row, g, metric)
-        return metric
+            self._draw(row, g, est.metric)
+        return est
 
-    def _evaluate(self, extrapolator: Extrapolator, w: float, eval_sampler: dict, n: int, seed: int | None) -> float:
-        ev = self.ctx.cfg.eval
-        extrapolator.set_w(w)
-        return evaluate(self.sample_metric, self.model, self.ctx.spec.parse_sampler(eval_sampler), n,
-                        ev.seed if seed is None else seed, ev.chunk)
+    def metric(self, ckpt: dict, extrapolator: Extrapolator, w: float, g, n: int, seed: int | None = None) -> float:
+        return self.estimate(ckpt, extrapolator, w, g, n, seed).metric
+
+    def forget(self, ckpt: dict) -> None:
+        """Drop the features of a finished checkpoint's points (w = 0, shared, stays until the end)."""
+        if dist.is_main():
+            for row in self.store.rows.values():
+                if row["checkpoint"] == ckpt["name"] and row["w"] != 0:
+                    self.features.drop(PointStore.point_id(row))
 
     def _draw(self, row: dict, g, metric: float) -> None:
         point = (row["checkpoint"], row["w"], g)
@@ -302,23 +341,48 @@ class _Points:
             _curve_point(self.tracker, {**row, "metric": metric}, self.metric_name)
 
 
-def _sweep_checkpoint(ctx: RunContext, points: _Points, ckpt: dict, extrapolator: Extrapolator) -> dict:
-    """One checkpoint's summary entry: the selection rule's best point and the best at w = 0, with
-    the final_n re-evaluation and the repeats when asked for."""
+def _select(ctx: RunContext, points: _Points, ckpt: dict, extrapolator: Extrapolator) -> tuple[tuple, Estimate, dict, dict]:
+    """The selection rule of sweep.mode: (best point, its estimate, point -> estimate at the
+    selection's n, what the entry records of the selection)."""
     sw, ev = ctx.cfg.sweep, ctx.cfg.eval
-    metric_at = functools.partial(points.metric, ckpt, extrapolator)
-    (bw, bg), best, seen = search(functools.partial(metric_at, n=ev.n), sw.w_grid(), sw.guidance, mode=sw.mode,
-                                  tol=sw.tol, refine_w=sw.refine_w, refine_guidance=sw.refine_guidance)
-    (_, g0), m0 = min(((k, m) for k, m in seen.items() if k[0] == 0.0), key=lambda km: km[1])
+    estimate_at = functools.partial(points.estimate, ckpt, extrapolator)
+    if sw.mode == "race":
+        best, best_est, seen, rounds = race(estimate_at, sw.w_grid(), sw.guidance, sw.race.n0, ev.n, sw.race.z,
+                                            sw.race.tol)
+        return best, best_est, seen, {"rounds": rounds}
+    n = ev.n
+    best, _metric, seen = search(lambda w, g: estimate_at(w, g, n).metric, sw.w_grid(), sw.guidance, mode=sw.mode,
+                                 tol=sw.tol, refine_w=sw.refine_w, refine_guidance=sw.refine_guidance)
+    return best, estimate_at(*best, n), {p: estimate_at(*p, n) for p in seen}, {}
+
+
+def _sweep_checkpoint(ctx: RunContext, points: _Points, ckpt: dict, extrapolator: Extrapolator) -> dict:
+    """One checkpoint's summary entry: the selection rule's best point and the best at w = 0 (at
+    the same n, with the standard error of their difference), with the final_n re-evaluation and
+    the repeats when asked for."""
+    sw, ev = ctx.cfg.sweep, ctx.cfg.eval
+    estimate_at = functools.partial(points.estimate, ckpt, extrapolator)
+    (bw, bg), best, seen, selection = _select(ctx, points, ckpt, extrapolator)
+    # w = 0 at its best guidance (among those it was evaluated with, at the largest n), then at the winner's n
+    (_, g0), _ = min(((k, e) for k, e in seen.items() if k[0] == 0.0), key=lambda ke: (-ke[1].n, ke[1].metric))
+    zero = estimate_at(0.0, g0, best.n)
+    # samples the selection drew: each point at the largest n it reached (a larger n reuses the
+    # smaller's samples); w = 0 counted in every checkpoint although it is sampled once
+    reached = {p: e.n for p, e in seen.items()}
+    reached[(0.0, g0)] = max(reached.get((0.0, g0), 0), zero.n)
     entry = {"checkpoint": ckpt["name"], "steps": ckpt["steps"], "sampler": ckpt["sampler"],
-             "metric_w0": m0, "best_w": bw, "best_metric": best, "n": ev.n, "points": len(seen)}
+             "metric_w0": zero.metric, "se_w0": zero.se, "best_w": bw, "best_metric": best.metric, "best_se": best.se,
+             "diff": {"mean": best.metric - zero.metric, "se": paired_se(best.replicates, zero.replicates)},
+             "n": best.n, "points": len(seen), "images": sum(reached.values()), "mode": sw.mode, **selection}
     if sw.guidance_key is not None:
         entry["best_guidance"], entry["guidance_w0"] = bg, g0
     if sw.final_n:
-        entry["final_n"] = sw.final_n
-        entry["final_metric"] = metric_at(bw, bg, n=sw.final_n)
+        final = estimate_at(bw, bg, sw.final_n)
+        entry.update(final_n=sw.final_n, final_metric=final.metric, final_se=final.se)
     if sw.repeats:
-        entry["repeats"] = _repeats(metric_at, sw.repeats, ev, (0.0, g0), (bw, bg))
+        entry["repeats"] = _repeats(functools.partial(points.metric, ckpt, extrapolator), sw.repeats, ev, (0.0, g0),
+                                    (bw, bg))
+    points.forget(ckpt)
     return entry
 
 

@@ -1,0 +1,100 @@
+"""Standard errors of sweep points (metrics/uncertainty.py through stages/evaluate.py): the jackknife
+against the spread of repeated evaluations, the fast distance against the reference one, and the
+feature store that lets a larger n reuse a smaller one's samples."""
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from neon_scale.metrics.fid import frechet_distance
+from neon_scale.metrics.uncertainty import FrechetToReference, block_bounds, jackknife_se, paired_se
+from neon_scale.specs.registry import get_spec
+from neon_scale.stages.evaluate import FeatureStore, SampleMetric, evaluate
+
+
+def random_cov(d, gen, rank=None):
+    a = torch.randn(d, rank or d, generator=gen, dtype=torch.float64)
+    return a @ a.T / (rank or d)
+
+
+@pytest.mark.parametrize("d,rank", [(2, None), (16, None), (64, 8)])
+def test_distance_to_reference_equals_the_reference_formula(d, rank):
+    gen = torch.Generator().manual_seed(d)
+    mu1, mu2 = torch.randn(d, generator=gen, dtype=torch.float64), torch.randn(d, generator=gen, dtype=torch.float64)
+    s1, s2 = random_cov(d, gen, rank), random_cov(d, gen)  # rank-deficient: n < d samples
+    ref = frechet_distance(mu1, s1, mu2, s2)
+    fast = FrechetToReference(mu2.numpy(), s2.numpy())(mu1, s1)
+    # 1e-8 relative: with a rank-deficient sigma the general eigensolver of the reference returns
+    # its zero eigenvalues as +-1e-14, whose square roots add ~1e-7 (measured 1.9e-9 relative at d 64)
+    assert abs(fast - ref) <= 1e-8 * max(1.0, abs(ref)), (fast, ref)
+
+
+def test_blocks_cover_every_sample_once():
+    for n in (2, 19, 20, 21, 1000, 1001):
+        b = block_bounds(n)
+        assert b[0] == 0 and b[-1] == n and len(b) == min(20, n) + 1
+        assert all(hi > lo for lo, hi in zip(b, b[1:]))
+
+
+def test_paired_se_of_a_point_with_itself_is_zero_and_mismatched_blocks_are_unknown():
+    reps = [1.0, 1.5, 0.7, 1.2]
+    assert paired_se(reps, reps) == 0.0
+    assert paired_se(reps, reps[:3]) is None and paired_se(None, reps) is None
+    assert jackknife_se([1.0]) is None
+
+
+# ------------------------------------------------------------------ calibration on the toy diffusion
+
+SEEDS = 24      # evaluation seeds: the empirical SD itself is known to about 1 / sqrt(2 x 23) = 15%
+N, CHUNK = 2000, 500
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The toy diffusion (random weights: a distribution some way from the true one) and a
+    second model near it (a small weight change, as a sweep's neighbouring w would be)."""
+    spec = get_spec("toy2d_diffusion")
+    args = spec.parse_args({"hidden": 32, "depth": 2})
+    torch.manual_seed(0)
+    a = spec.build(args).eval()
+    b = spec.build(args).eval()
+    b.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in a.state_dict().items()})
+    return spec, a, b, spec.parse_sampler({"steps": 5})
+
+
+def test_jackknife_se_matches_the_spread_over_evaluation_seeds(toy):
+    """Acceptance (issue 16): over 24 seeds, the jackknife SE of a point and of the paired
+    difference of two points are within a factor 1.5 of the SD of the values across seeds."""
+    spec, a, b, sampler = toy
+    metric = SampleMetric(spec)
+    ea, eb = [], []
+    for seed in range(SEEDS):
+        ea.append(evaluate(metric, a, sampler, N, seed, CHUNK, FeatureStore(None), "a"))
+        eb.append(evaluate(metric, b, sampler, N, seed, CHUNK, FeatureStore(None), "b"))
+    sd_point = statistics.stdev(e.metric for e in ea)
+    sd_diff = statistics.stdev(x.metric - y.metric for x, y in zip(ea, eb))
+    se_point = math.sqrt(statistics.mean(e.se ** 2 for e in ea))  # RMS over seeds
+    se_diff = math.sqrt(statistics.mean(paired_se(x.replicates, y.replicates) ** 2 for x, y in zip(ea, eb)))
+    print(f"point: se {se_point:.4g} sd {sd_point:.4g}; difference: se {se_diff:.4g} sd {sd_diff:.4g}")
+    assert sd_diff < sd_point / 2  # the shared noise cancels: why paired differences decide cheaply
+    for se, sd in ((se_point, sd_point), (se_diff, sd_diff)):
+        assert 1 / 1.5 <= se / sd <= 1.5, (se, sd)
+
+
+def test_larger_n_reuses_the_smaller_and_equals_a_fresh_evaluation(toy, tmp_path):
+    spec, a, _b, sampler = toy
+    metric = SampleMetric(spec)
+    store = FeatureStore(tmp_path / "features")
+    small = evaluate(metric, a, sampler, 1000, 7, CHUNK, store, "p")
+    files = sorted(p.name for p in (tmp_path / "features").rglob("*.safetensors"))
+    assert files == ["chunk-000000-500.safetensors", "chunk-000001-500.safetensors"]
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "features").rglob("*.safetensors")}
+    big = evaluate(metric, a, sampler, 2000, 7, CHUNK, store, "p")
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # the first 1000 samples were not redrawn
+    fresh = evaluate(metric, a, sampler, 2000, 7, CHUNK, FeatureStore(None), "p")
+    assert big == fresh and big.n == 2000 and small.n == 1000 and big.metric != small.metric
+    assert len(big.replicates) == 20 and np.isfinite(big.replicates).all()
+    store.drop("p")
+    assert not list((tmp_path / "features").rglob("*.safetensors"))
