@@ -11,7 +11,7 @@ from .conftest import LAUNCHER, ROOT, TOY, kill_when, neon, small_overrides, tor
 
 pytestmark = pytest.mark.slow  # whole sweeps, a kill and a 2-rank run
 
-# several rounds on the small toy: a wide z keeps the 3 points racing to eval.n (250 -> 2000)
+# several rounds on the small toy: a wide z keeps the 4 points (w = 0 always in) racing to eval.n (250 -> 2000)
 RACE = ["sweep.mode=race", "sweep.race.n0=250", "sweep.race.z=50", "eval.n=2000", "eval.chunk=250",
         "sweep.w_min=1.0", "sweep.w_max=2.0", "sweep.w_step=0.5"]
 
@@ -43,7 +43,7 @@ def test_race_records_rounds_images_and_standard_errors(raced):
     assert not (raced / "sweep" / "features").exists()  # the samples' features are gone once done
     for e in summary:
         assert [r["n"] for r in e["rounds"]] == [250, 500, 1000, 2000] and e["mode"] == "race"
-        assert e["n"] == 2000 and e["images"] == 3 * 2000
+        assert e["n"] == 2000 and e["images"] == 4 * 2000  # w 1, 1.5, 2 and w = 0 (always in the grid)
         assert e["best_se"] > 0 and e["se_w0"] > 0 and 0 < e["diff"]["se"] < e["se_w0"]
         mine = {(r["w"], r["n"]) for r in rows if r["checkpoint"] == e["checkpoint"] or r["w"] == 0}
         assert {(1.0, 250), (2.0, 2000), (0.0, 2000)} <= mine

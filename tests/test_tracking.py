@@ -187,6 +187,8 @@ def test_sweep_curve_equals_results(toy_run):
         assert dict(scalars[f"{group}/best_w"])[s["steps"]] == pytest.approx(s["best_w"])
         assert dict(scalars[f"{group}/best_fd"])[s["steps"]] == pytest.approx(s["best_metric"], rel=1e-6)
         assert dict(scalars[f"{group}/fd_w0"])[s["steps"]] == pytest.approx(s["metric_w0"], rel=1e-6)
+        assert dict(scalars[f"{group}/best_fd_se"])[s["steps"]] == pytest.approx(s["best_se"], rel=1e-6)
+        assert dict(scalars[f"{group}/diff_se"])[s["steps"]] == pytest.approx(s["diff"]["se"], rel=1e-6)
 
 
 @pytest.mark.slow  # needs the whole small toy run

@@ -53,7 +53,7 @@ class SampleMetric:
             self.mu_ref, self.sigma_ref = (t.numpy() for t in spec.reference_stats())
         self.dim = self.mu_ref.shape[0]
         self.dtype = torch.float32 if backbone is not None else torch.float64  # what features() returns
-        self.to_reference = FrechetToReference(self.mu_ref, self.sigma_ref)
+        self.to_reference = FrechetToReference(self.mu_ref, self.sigma_ref, dist.device())
 
     def features(self, samples: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.backbone is None:

@@ -221,7 +221,8 @@ def _summary_scalars(tracker: Tracker, entry: dict, metric_name: str) -> None:
     values = {"best_w": entry["best_w"], f"best_{m}": entry["best_metric"], f"{m}_w0": entry["metric_w0"],
               f"{m}_ratio": entry["best_metric"] / entry["metric_w0"] if entry["metric_w0"] else None,
               "best_guidance": entry.get("best_guidance"), f"final_{m}": entry.get("final_metric"),
-              "points": entry["points"]}
+              "points": entry["points"], f"best_{m}_se": entry.get("best_se"), f"{m}_w0_se": entry.get("se_w0"),
+              "diff": entry["diff"]["mean"], "diff_se": entry["diff"]["se"], "images": entry["images"]}
     if "repeats" in entry:
         r = entry["repeats"]
         values.update({f"repeats/{m}_w0": r["w0"]["mean"], f"repeats/best_{m}": r["best"]["mean"],
