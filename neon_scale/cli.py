@@ -25,7 +25,7 @@ STAGE_HELP = {
     "train": "fine-tune theta_r on S with DeepSpeed -> theta_s checkpoints",
     "sweep": "merge theta_r + w (theta_r - theta_s), evaluate, select w",
 }
-COMMANDS = (*STAGE_HELP, "merge", "consolidate", "fid")
+COMMANDS = (*STAGE_HELP, "merge", "consolidate", "fid", "diagnose")
 
 
 TRUST_HELP = ("let torch.load unpickle classes outside the allow-list in the files read (resumed checkpoints "
@@ -96,6 +96,48 @@ def _add_fid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+DIAGNOSE_HELP = "predict the sign of the best w from theta_r alone (after base and synth, before any fine-tune)"
+DIAGNOSE_DESCRIPTION = f"""{DIAGNOSE_HELP}.
+
+What it measures: the cosine between the mean gradient of the training loss on each synthetic set S
+and on real data, at theta_r. Fine-tuning on S moves theta_s ~ theta_r - eta g_s, so the merge
+theta_r + w (theta_r - theta_s) changes the real loss by ~ w eta <g_s, g_r>: cos < 0 (anti-aligned,
+expected for mode-seeking samplers) predicts w > 0; cos > 0 predicts w < 0.
+
+Real data, first found: --real PATH; the config's data.source (its held-out split); the toys' true
+distribution (fresh samples). Each set is cut into K equal batches (--batches), one mean gradient
+each; where the loss draws noise (diffusion timesteps and noise) each record's loss is averaged over
+--repeats draws (the toys' real side gets 4 x that many fresh samples instead). The 95%
+interval is a bootstrap over batches (--bootstrap resamples, each side resampled on its own). The two
+sides get independent noise: shared noise would add a common component to both means.
+
+How to read the table: 'predicted w' is -sign(cos); trust it when the interval excludes 0 and
+'bootstrap agrees' (the fraction of resamples with that sign) is near 1. 'cos, noise removed'
+divides by unbiased estimates of the gradient norms, so it does not shrink with fewer samples.
+Writes <run>/diagnose/diagnose.json. Needs the base and synth stages of the same config.
+Memory: 2 x K x (number of parameters) x 4 bytes on the CPU (K = 32: 256 bytes per parameter),
+plus one synthetic set and the real set in memory. Runs on one rank."""
+
+
+def _add_diagnose_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, help="YAML config whose base and synth stages are done")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable), as for `neon run`")
+    p.add_argument("--run-dir", help="output directory (default: runs/<config name>)")
+    p.add_argument("--real", metavar="PATH", help="real data: a folder of class folders of images, webdataset shards "
+                                                  "(.tar or a folder of them), or a set in the synth layout")
+    p.add_argument("--n", type=int, help="use at most N samples per set (default: the whole synthetic set; for the "
+                                         "toys as many fresh real samples)")
+    p.add_argument("--batches", type=int, default=32, help="K: batches per set, one gradient each (default 32)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the loss noise, the real samples and the bootstrap")
+    p.add_argument("--repeats", type=int, default=16, help="loss noise draws averaged per record where the loss draws "
+                                                          "noise (diffusion, flow; default 16)")
+    p.add_argument("--micro-batch", type=int, help="rows per forward/backward pass (default: the train section's "
+                                                  "global_batch / grad_accum)")
+    _add_common_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neon", description="Neon: improve a generator by extrapolating away from its own self-training.",
@@ -120,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid_help = "FID / Inception Score / KID / precision-recall of image sets (torch-fidelity's numbers, distributed)"
     _add_fid_args(sub.add_parser("fid", help=fid_help, description=fid_help,
                                  epilog="Multi-rank: torchrun --nproc-per-node 8 launchers/neon.py fid ..."))
+    _add_diagnose_args(sub.add_parser("diagnose", help=DIAGNOSE_HELP, description=DIAGNOSE_DESCRIPTION,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
@@ -165,6 +209,18 @@ def run_fid(args: argparse.Namespace) -> None:
               kid_subsets=args.kid_subsets, device=args.device)
 
 
+def run_diagnose(args: argparse.Namespace) -> None:
+    from . import io
+    from .config import load_config
+    from .stages.diagnose import diagnose
+
+    cfg = load_config(args.config, list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else []))
+    if cfg.trust_pickles:
+        io.trust_pickles()
+    diagnose(cfg, real=args.real, n=args.n, batches=args.batches, resamples=args.bootstrap, seed=args.seed,
+             repeats=args.repeats, micro_batch=args.micro_batch)
+
+
 def _negative_w(argv: list[str]) -> list[str]:
     """`--w -1e-3` as `--w=-1e-3`: argparse takes a value starting with '-' for an option unless it
     looks like a plain decimal, and an exponent does not."""
@@ -205,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
                         max_shard_size=args.max_shard_size, overwrite=args.overwrite)
         elif args.command == "fid":
             run_fid(args)
+        elif args.command == "diagnose":
+            run_diagnose(args)
         else:
             run_command(args)
     except Stopped as e:  # saved what it had: a rerun resumes (neon.sbatch requeues on this status)
