@@ -58,3 +58,20 @@ def test_empty_w_grid(override):
 def test_unknown_model_name():
     with pytest.raises(NeonError, match=r"unknown model 'model.name' = 'toy2d_difusion' \(did you mean 'toy2d_diffusion'\?\)"):
         load_config(str(TOY), ["model.name=toy2d_difusion"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sweep.mode=race", "eval.chunk=1000", "sweep.race.n0=1500"],
+     r"'sweep.race.n0' = 1500 must be a multiple of eval.chunk = 1000"),
+    (["sweep.mode=race", "eval.n=4000", "eval.chunk=1000", "sweep.race.n0=8000"], r"and at most eval.n = 4000"),
+    (["sweep.race.z=-1"], r"'sweep.race.z' = -1.0 is below the minimum 0"),
+    (["sweep.race.n00=5"], r"unknown key 'sweep.race.n00' \(did you mean 'sweep.race.n0'\?\)"),
+])
+def test_race_settings_that_cannot_work_are_named(overrides, message):
+    with pytest.raises(NeonError, match=message):
+        load_config(str(TOY), overrides)
+
+
+def test_race_settings_load():
+    cfg = load_config(str(TOY), ["sweep.mode=race", "eval.chunk=5000", "sweep.race.n0=5000", "sweep.race.z=3"])
+    assert (cfg.sweep.mode, cfg.sweep.race.n0, cfg.sweep.race.z, cfg.sweep.race.tol) == ("race", 5000, 3.0, 0.0)
