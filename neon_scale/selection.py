@@ -14,7 +14,9 @@ difference to the round's best exceeds z standard errors of that difference (pai
 noise), and doubles n for the survivors (a point at 2n reuses its n samples), until one point is
 left, or every survivor is within `tol` of the best with confidence (difference + z se <= tol),
 or n reaches n_max. The winner is the point with the lowest metric in the last round (ties: the
-smaller |w|, the smaller extrapolation).
+smaller |w|, the smaller extrapolation). Then, as early_stop, the 3 x 3 refine grid around the
+winner races the same way (the winner's samples reused): the grid alone missed the best w by 0.1
+on the toy (bench/selection.py).
 """
 from __future__ import annotations
 
@@ -86,17 +88,44 @@ def search(evaluate: Callable[[float, Optional[float]], float], w_grid: list[flo
 
 
 def race(estimate: Callable[[float, Optional[float], int], Estimate], w_grid: list[float], guidance: list,
-         n0: int, n_max: int, z: float, tol: float = 0.0) -> tuple[Point, Estimate, dict[Point, Estimate], list[dict]]:
+         n0: int, n_max: int, z: float, tol: float = 0.0, refine_w: float = 0.0, refine_guidance: float = 0.0
+         ) -> tuple[Point, Estimate, dict[Point, Estimate], list[dict]]:
     """Return (winner, its estimate, every point -> its estimate at the largest n it reached, the
-    rounds). `estimate(w, g, n)` gives an object with .metric and .replicates (stages.evaluate.Estimate)."""
+    rounds). `estimate(w, g, n)` gives an object with .metric and .replicates (stages.evaluate.Estimate).
+    With refine_w / refine_guidance, a second race over the winner's 3 x 3 neighbourhood (as
+    early_stop's refine grid, w kept inside the grid's range), the winner entering with its samples."""
     if not w_grid:
         raise ValueError("empty w grid")
-    alive = [_key(w, g) for w in w_grid for g in (list(guidance) or [None])]
+    guidance = list(guidance) or [None]
     last: dict[Point, Estimate] = {}
+    memo: dict[tuple, Estimate] = {}
+
+    def cached(w, g, n) -> Estimate:  # the refine race meets the winner again at the same n
+        if (w, g, n) not in memo:
+            memo[(w, g, n)] = estimate(w, g, n)
+        return memo[(w, g, n)]
+
+    best, rounds = _race(cached, [_key(w, g) for w in w_grid for g in guidance], n0, n_max, z, tol, last)
+    if refine_w > 0 or (refine_guidance > 0 and len(guidance) > 1):
+        bw, bg = best
+        dws = (-refine_w, 0.0, refine_w) if refine_w > 0 else (0.0,)
+        dgs = (-refine_guidance, 0.0, refine_guidance) if refine_guidance > 0 and len(guidance) > 1 else (0.0,)
+        lo, hi = min(w_grid), max(w_grid)
+        near = [_key(bw + dw, None if bg is None else bg + dg) for dw in dws for dg in dgs
+                if lo - 1e-9 <= bw + dw <= hi + 1e-9]
+        best, more = _race(cached, list(dict.fromkeys([best, *near])), n0, n_max, z, tol, last)
+        rounds += [{**r, "refine": True} for r in more]
+    return best, last[best], last, rounds
+
+
+def _race(estimate, alive: list[Point], n0: int, n_max: int, z: float, tol: float,
+          last: dict[Point, Estimate]) -> tuple[Point, list[dict]]:
     rounds, n = [], min(n0, n_max)
     while True:
         est = {p: estimate(*p, n) for p in alive}
-        last.update(est)
+        for p, e in est.items():  # each point at the largest n it reached
+            if p not in last or getattr(last[p], "n", n) <= n:
+                last[p] = e
         best = min(alive, key=lambda p: (est[p].metric, abs(p[0])))
         gap = {p: (est[p].metric - est[best].metric, paired_se(est[p].replicates, est[best].replicates))
                for p in alive}
@@ -107,5 +136,5 @@ def race(estimate: Callable[[float, Optional[float], int], Estimate], w_grid: li
         alive = keep
         settled = all(p == best or (gap[p][1] is not None and gap[p][0] + z * gap[p][1] <= tol) for p in alive)
         if len(alive) == 1 or settled or n >= n_max:
-            return best, est[best], last, rounds
+            return best, rounds
         n = min(2 * n, n_max)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow  # whole sweeps, a kill and a 2-rank run
 
 # several rounds on the small toy: a wide z keeps the 4 points (w = 0 always in) racing to eval.n (250 -> 2000)
 RACE = ["sweep.mode=race", "sweep.race.n0=250", "sweep.race.z=50", "eval.n=2000", "eval.chunk=250",
-        "sweep.w_min=1.0", "sweep.w_max=2.0", "sweep.w_step=0.5"]
+        "sweep.w_min=1.0", "sweep.w_max=2.0", "sweep.w_step=0.5", "sweep.refine_w=0"]
 
 
 def outputs(run_dir):

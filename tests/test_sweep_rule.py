@@ -105,3 +105,12 @@ def test_race_stops_when_survivors_are_equivalent_within_tol_and_never_drops_wit
         return Est((w - 0.5) ** 2, None)
     (bw, _), _e, _l, rounds = race(no_se, [0.0, 0.5, 1.0], [1.0, 2.0], n0=10, n_max=40, z=2.0)
     assert bw == 0.5 and [r["kept"] for r in rounds] == [6, 6, 6] and max(calls) == 40
+
+
+def test_race_refines_around_the_grid_winner_reusing_its_samples():
+    est, calls = noisy(lambda w: (w - 0.6) ** 2)
+    (bw, _), _best, last, rounds = race(est, GRID, [], n0=100, n_max=6400, z=2.0, refine_w=0.1)
+    assert bw == 0.6  # off the grid: 0.5 + 0.1
+    refine = [r for r in rounds if r.get("refine")]
+    assert refine and refine[0]["points"] == 3 and {(0.4, None), (0.6, None)} <= set(last)
+    assert len(calls) == len(set(calls))  # nothing evaluated twice at the same n
