@@ -7,7 +7,8 @@ selected point is then re-evaluated at --final-n samples with one fresh seed sha
 (common random numbers: the difference between two modes' picks is paired, with its jackknife
 standard error), so the selection's own luck does not flatter any rule.
 
-Printed per config: for each seed and mode, the samples the selection drew (summary.json's
+Then `neon diagnose` on the same run: its predicted sign of w per sampler setting beside the
+picks. Printed per config: for each seed and mode, the samples the selection drew (summary.json's
 `images`, summed over checkpoints) and each checkpoint's pick with its final metric; then the
 ratios race/early_stop and grid/early_stop of samples, and race's final metric minus
 early_stop's, in standard errors. The JSON goes to --out.
@@ -122,7 +123,17 @@ def bench_config(config: str, run: pathlib.Path | None, work: pathlib.Path, over
             rows.append({"seed": seed, "mode": mode, "checkpoint": e["checkpoint"], "best_w": e["best_w"],
                          "best_guidance": e.get("best_guidance"), "images": e["images"], "points": e["points"],
                          "final_metric": f.metric, "final_se": f.se, "final_replicates": f.replicates})
-    return {"config": config, "final_n": final_n or cfg_n, "overrides": overrides, "rows": rows}
+    return {"config": config, "final_n": final_n or cfg_n, "overrides": overrides, "rows": rows,
+            "diagnose": diagnose(config, base_run, overrides)}
+
+
+def diagnose(config: str, run_dir: pathlib.Path, overrides: list[str]) -> list[dict]:
+    """`neon diagnose` on the run (reused when its diagnose.json is there): per sampler setting."""
+    out = run_dir / "diagnose" / "diagnose.json"
+    if not out.is_file():
+        neon("diagnose", "--config", config, "--run-dir", str(run_dir), *sets(overrides))
+    return [{k: d[k] for k in ("sampler_tag", "cos", "ci95", "predicted_w_sign", "bootstrap_fraction")}
+            for d in json.loads(out.read_text())["settings"]]
 
 
 def report(result: dict) -> None:
@@ -146,6 +157,14 @@ def report(result: dict) -> None:
                 d, se = a["final_metric"] - b["final_metric"], paired_se(a["final_replicates"], b["final_replicates"])
                 diff = f"{d:+.3g} ({d / se:+.1f})" if se else f"{d:+.3g} (same point)"
             print(f"| {seed} | {ckpt} | " + " | ".join(cells) + f" | {diff} |")
+    print(f"\n`neon diagnose` on {name} vs the best w each rule picked (all seeds, every checkpoint of the setting)")
+    print("| sampler | cos | 95% interval | predicted w | bootstrap agrees | best w picked |")
+    print("|---|---:|---|---|---:|---|")
+    for d in result["diagnose"]:
+        picked = sorted({r["best_w"] for r in rows if r["checkpoint"].startswith(d["sampler_tag"] + "/")})
+        lo, hi = d["ci95"]
+        print(f"| {d['sampler_tag']} | {d['cos']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
+              f"{'w > 0' if d['predicted_w_sign'] > 0 else 'w < 0'} | {d['bootstrap_fraction']:.3f} | {picked} |")
     total = {m: sum(r["images"] for r in rows if r["mode"] == m) for m in modes}
     if "early_stop" in total:
         print("\nsamples drawn, all seeds: " + ", ".join(f"{m} {total[m]} ({total[m] / total['early_stop']:.3f} x "
