@@ -10,7 +10,7 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || 
 # The venv's bin first: its ninja must build extensions, not the system one.
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu
 
-.PHONY: install demo digits bench-digits bench-kills bench-matrix test test-fast tiny-assets clean-runs
+.PHONY: install demo digits bench-digits bench-selection bench-kills bench-matrix test test-fast tiny-assets clean-runs
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ digits: install
 bench-digits: install
 	$(RUN) $(PY) bench/digits.py --seeds 0,1,2
 	$(RUN) $(PY) bench/digits_control.py runs/digits_dit-seed0
+
+# race vs early_stop vs grid on the toy and the digits, 5 eval seeds each, and neon diagnose beside
+# the picks (about 1 h on 2 cores; 1 thread per process: 2 threads on a shared machine ran 10-40x slower)
+bench-selection: install
+	OMP_NUM_THREADS=1 $(RUN) $(PY) bench/selection.py
 
 # a toy run killed at every rename and every unlink (strace), each resumed and compared with an
 # uninterrupted run, and consolidate --overwrite at every point (about 100 kill points, 30 min on
