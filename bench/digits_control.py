@@ -63,7 +63,7 @@ def main() -> None:
         for w in ws:
             extrapolator.set_w(w)
             values = {g: evaluate(metric, model, ctx.spec.parse_sampler({**ev.sampler, "cfg": g}), ev.n, ev.seed,
-                                  ev.chunk) for g in cfgs}
+                                  ev.chunk).metric for g in cfgs}
             g = min(values, key=values.get)
             curve[w] = (values[g], g)
         results[name] = curve

@@ -65,7 +65,7 @@ def test_image_model_eval_matches_torch_fidelity(image_sets, inception_weights, 
 
     spec, model = _TinyImageSpec(), _Upsampler()
     backbone = load_backbone("inception", str(inception_weights), batch_size=8)
-    ours = evaluate(SampleMetric(spec, backbone, read_stats(tmp_path / "ref.npz")), model, None, n=30, seed=5, chunk=12)
+    ours = evaluate(SampleMetric(spec, backbone, read_stats(tmp_path / "ref.npz")), model, None, n=30, seed=5, chunk=12).metric
 
     images = torch.cat([spec.sample(model, c, rng.generator(5, "eval", i), None)["image"]
                         for i, c in enumerate((12, 12, 6))])

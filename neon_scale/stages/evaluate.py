@@ -106,8 +106,10 @@ def _chunk_counts(n: int, chunk: int) -> list[int]:
 
 @torch.no_grad()
 def evaluate(metric: SampleMetric, model: torch.nn.Module, sampler, n: int, seed: int, chunk: int,
-             store: FeatureStore, point: str) -> Estimate:
-    """Collective: every rank returns the same Estimate."""
+             store: FeatureStore | None = None, point: str = "") -> Estimate:
+    """Collective: every rank returns the same Estimate. `store`: where the chunks' features are
+    kept under the name `point` (None: in memory, for this call only)."""
+    store = FeatureStore(None) if store is None else store
     counts = _chunk_counts(n, chunk)
     # ------------------------------------------------------------------ Sample the missing chunks
     missing = dist.broadcast_object([i for i, c in enumerate(counts) if not store.has(point, i, c)]
