@@ -66,8 +66,7 @@ def sets(items: list[str]) -> list[str]:
 def sweep_once(config: str, base_run: pathlib.Path, work: pathlib.Path, overrides: list[str], seed: int,
                mode: str) -> tuple[list[dict], float]:
     run_dir = work / f"seed{seed}-{mode}"
-    if not (run_dir / "sweep" / "done.json").is_file():
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if not run_dir.exists():  # else: finished (skipped) or killed (the sweep resumes)
         shutil.copytree(base_run, run_dir, ignore=shutil.ignore_patterns("sweep", "tb", "control", "diagnose"))
     t0 = time.perf_counter()
     neon("sweep", "--config", config, "--run-dir", str(run_dir), *sets(overrides + [f"eval.seed={seed}",
