@@ -75,16 +75,23 @@ def search(evaluate: Callable[[float, Optional[float]], float], w_grid: list[flo
                 if b > prev + tol:
                     break
                 prev = b
-        (bw, bg), _ = min(seen.items(), key=lambda kv: kv[1])
-        dws = (-refine_w, 0.0, refine_w) if refine_w > 0 else (0.0,)
-        dgs = (-refine_guidance, 0.0, refine_guidance) if refine_guidance > 0 and len(guidance) > 1 else (0.0,)
-        lo, hi = min(w_grid), max(w_grid)
-        for dw in dws:
-            for dg in dgs:
-                if lo - 1e-9 <= bw + dw <= hi + 1e-9:  # the refine grid stays inside the configured w range
-                    ev(bw + dw, None if bg is None else bg + dg)
+        best, _ = min(seen.items(), key=lambda kv: kv[1])
+        for w, g in _refine_grid(best, w_grid, guidance, refine_w, refine_guidance):
+            ev(w, g)
     best, metric = min(seen.items(), key=lambda kv: kv[1])
     return best, metric, seen
+
+
+def _refine_grid(best: Point, w_grid: list[float], guidance: list, refine_w: float,
+                 refine_guidance: float) -> list[tuple[float, Optional[float]]]:
+    """The 3 x 3 refine grid around `best` (+-refine_w, +-refine_guidance; a zero half-width, or a
+    single guidance value, collapses that axis), w kept inside the configured range."""
+    bw, bg = best
+    dws = (-refine_w, 0.0, refine_w) if refine_w > 0 else (0.0,)
+    dgs = (-refine_guidance, 0.0, refine_guidance) if refine_guidance > 0 and len(guidance) > 1 else (0.0,)
+    lo, hi = min(w_grid), max(w_grid)
+    return [(bw + dw, None if bg is None else bg + dg) for dw in dws for dg in dgs
+            if lo - 1e-9 <= bw + dw <= hi + 1e-9]
 
 
 def race(estimate: Callable[[float, Optional[float], int], Estimate], w_grid: list[float], guidance: list,
@@ -97,35 +104,28 @@ def race(estimate: Callable[[float, Optional[float], int], Estimate], w_grid: li
     if not w_grid:
         raise ValueError("empty w grid")
     guidance = list(guidance) or [None]
-    last: dict[Point, Estimate] = {}
-    memo: dict[tuple, Estimate] = {}
+    memo: dict[tuple, Estimate] = {}  # (w, g, n) -> estimate
 
     def cached(w, g, n) -> Estimate:  # the refine race meets the winner again at the same n
         if (w, g, n) not in memo:
             memo[(w, g, n)] = estimate(w, g, n)
         return memo[(w, g, n)]
 
-    best, rounds = _race(cached, [_key(w, g) for w in w_grid for g in guidance], n0, n_max, z, tol, last)
+    best, rounds = _race(cached, [_key(w, g) for w in w_grid for g in guidance], n0, n_max, z, tol)
     if refine_w > 0 or (refine_guidance > 0 and len(guidance) > 1):
-        bw, bg = best
-        dws = (-refine_w, 0.0, refine_w) if refine_w > 0 else (0.0,)
-        dgs = (-refine_guidance, 0.0, refine_guidance) if refine_guidance > 0 and len(guidance) > 1 else (0.0,)
-        lo, hi = min(w_grid), max(w_grid)
-        near = [_key(bw + dw, None if bg is None else bg + dg) for dw in dws for dg in dgs
-                if lo - 1e-9 <= bw + dw <= hi + 1e-9]
-        best, more = _race(cached, list(dict.fromkeys([best, *near])), n0, n_max, z, tol, last)
+        near = [_key(w, g) for w, g in _refine_grid(best, w_grid, guidance, refine_w, refine_guidance)]
+        best, more = _race(cached, list(dict.fromkeys([best, *near])), n0, n_max, z, tol)
         rounds += [{**r, "refine": True} for r in more]
+    last: dict[Point, Estimate] = {}  # each point at the largest n it reached
+    for (w, g, _n), e in sorted(memo.items(), key=lambda kv: kv[0][2]):
+        last[(w, g)] = e
     return best, last[best], last, rounds
 
 
-def _race(estimate, alive: list[Point], n0: int, n_max: int, z: float, tol: float,
-          last: dict[Point, Estimate]) -> tuple[Point, list[dict]]:
+def _race(estimate, alive: list[Point], n0: int, n_max: int, z: float, tol: float) -> tuple[Point, list[dict]]:
     rounds, n = [], min(n0, n_max)
     while True:
         est = {p: estimate(*p, n) for p in alive}
-        for p, e in est.items():  # each point at the largest n it reached
-            if p not in last or getattr(last[p], "n", n) <= n:
-                last[p] = e
         best = min(alive, key=lambda p: (est[p].metric, abs(p[0])))
         gap = {p: (est[p].metric - est[best].metric, paired_se(est[p].replicates, est[best].replicates))
                for p in alive}

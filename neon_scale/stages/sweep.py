@@ -342,11 +342,10 @@ class _Points:
             _curve_point(self.tracker, {**row, "metric": metric}, self.metric_name)
 
 
-def _select(ctx: RunContext, points: _Points, ckpt: dict, extrapolator: Extrapolator) -> tuple[tuple, Estimate, dict, dict]:
-    """The selection rule of sweep.mode: (best point, its estimate, point -> estimate at the
-    selection's n, what the entry records of the selection)."""
+def _select(ctx: RunContext, estimate_at) -> tuple[tuple, Estimate, dict, dict]:
+    """The selection rule of sweep.mode over `estimate_at(w, g, n)`: (best point, its estimate,
+    point -> estimate at the selection's n, what the entry records of the selection)."""
     sw, ev = ctx.cfg.sweep, ctx.cfg.eval
-    estimate_at = functools.partial(points.estimate, ckpt, extrapolator)
     if sw.mode == "race":
         best, best_est, seen, rounds = race(estimate_at, sw.w_grid(), sw.guidance, sw.race.n0, ev.n, sw.race.z,
                                             sw.race.tol, sw.refine_w, sw.refine_guidance)
@@ -363,7 +362,7 @@ def _sweep_checkpoint(ctx: RunContext, points: _Points, ckpt: dict, extrapolator
     the repeats when asked for."""
     sw, ev = ctx.cfg.sweep, ctx.cfg.eval
     estimate_at = functools.partial(points.estimate, ckpt, extrapolator)
-    (bw, bg), best, seen, selection = _select(ctx, points, ckpt, extrapolator)
+    (bw, bg), best, seen, selection = _select(ctx, estimate_at)
     # w = 0 at its best guidance (among those it was evaluated with, at the largest n), then at the winner's n
     (_, g0), _ = min(((k, e) for k, e in seen.items() if k[0] == 0.0), key=lambda ke: (-ke[1].n, ke[1].metric))
     zero = estimate_at(0.0, g0, best.n)
