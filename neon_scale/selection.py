@@ -13,7 +13,10 @@ rule find w < 0 for diversity-seeking samplers.
 difference to the round's best exceeds z standard errors of that difference (paired: the same
 noise), and doubles n for the survivors (a point at 2n reuses its n samples), until one point is
 left, or every survivor is within `tol` of the best with confidence (difference + z se <= tol),
-or n reaches n_max. The winner is the point with the lowest metric in the last round (ties: the
+or (futility) no survivor could be told apart from the best even at n_max: each one's difference
+is at most z standard errors projected to n_max (se * sqrt(n / n_max), the 1/sqrt(n) law), so the
+last doublings would end in the same tie; the projection takes the observed difference for the
+true one, so it is trusted over a factor of 4 in n at most (n >= n_max / 4); or n reaches n_max. The winner is the point with the lowest metric in the last round (ties: the
 smaller |w|, the smaller extrapolation). Then, as early_stop, the 3 x 3 refine grid around the
 winner races the same way (the winner's samples reused): the grid alone missed the best w by 0.1
 on the toy (bench/selection.py).
@@ -95,8 +98,8 @@ def _refine_grid(best: Point, w_grid: list[float], guidance: list, refine_w: flo
 
 
 def race(estimate: Callable[[float, Optional[float], int], Estimate], w_grid: list[float], guidance: list,
-         n0: int, n_max: int, z: float, tol: float = 0.0, refine_w: float = 0.0, refine_guidance: float = 0.0
-         ) -> tuple[Point, Estimate, dict[Point, Estimate], list[dict]]:
+         n0: int, n_max: int, z: float, tol: float = 0.0, refine_w: float = 0.0, refine_guidance: float = 0.0,
+         futility: bool = True) -> tuple[Point, Estimate, dict[Point, Estimate], list[dict]]:
     """Return (winner, its estimate, every point -> its estimate at the largest n it reached, the
     rounds). `estimate(w, g, n)` gives an object with .metric and .replicates (stages.evaluate.Estimate).
     With refine_w / refine_guidance, a second race over the winner's 3 x 3 neighbourhood (as
@@ -111,10 +114,10 @@ def race(estimate: Callable[[float, Optional[float], int], Estimate], w_grid: li
             memo[(w, g, n)] = estimate(w, g, n)
         return memo[(w, g, n)]
 
-    best, rounds = _race(cached, [_key(w, g) for w in w_grid for g in guidance], n0, n_max, z, tol)
+    best, rounds = _race(cached, [_key(w, g) for w in w_grid for g in guidance], n0, n_max, z, tol, futility)
     if refine_w > 0 or (refine_guidance > 0 and len(guidance) > 1):
         near = [_key(w, g) for w, g in _refine_grid(best, w_grid, guidance, refine_w, refine_guidance)]
-        best, more = _race(cached, list(dict.fromkeys([best, *near])), n0, n_max, z, tol)
+        best, more = _race(cached, list(dict.fromkeys([best, *near])), n0, n_max, z, tol, futility)
         rounds += [{**r, "refine": True} for r in more]
     last: dict[Point, Estimate] = {}  # each point at the largest n it reached
     for (w, g, _n), e in sorted(memo.items(), key=lambda kv: kv[0][2]):
@@ -122,7 +125,8 @@ def race(estimate: Callable[[float, Optional[float], int], Estimate], w_grid: li
     return best, last[best], last, rounds
 
 
-def _race(estimate, alive: list[Point], n0: int, n_max: int, z: float, tol: float) -> tuple[Point, list[dict]]:
+def _race(estimate, alive: list[Point], n0: int, n_max: int, z: float, tol: float,
+          futility: bool) -> tuple[Point, list[dict]]:
     rounds, n = [], min(n0, n_max)
     while True:
         est = {p: estimate(*p, n) for p in alive}
@@ -131,10 +135,15 @@ def _race(estimate, alive: list[Point], n0: int, n_max: int, z: float, tol: floa
                for p in alive}
         # an unknown SE (too few samples) never drops a point
         keep = [p for p in alive if p == best or gap[p][1] is None or gap[p][0] <= z * gap[p][1]]
-        rounds.append({"n": n, "points": len(alive), "kept": len(keep), "best": list(best),
-                       "best_metric": est[best].metric})
         alive = keep
         settled = all(p == best or (gap[p][1] is not None and gap[p][0] + z * gap[p][1] <= tol) for p in alive)
-        if len(alive) == 1 or settled or n >= n_max:
+        shrink = math.sqrt(n / n_max)  # the se at n_max over the se now
+        futile = futility and 4 * n >= n_max and all(
+            p == best or (gap[p][1] is not None and gap[p][0] <= z * gap[p][1] * shrink) for p in alive)
+        stop = ("one point" if len(alive) == 1 else "settled" if settled else "futility" if futile
+                else "n_max" if n >= n_max else None)
+        rounds.append({"n": n, "points": len(est), "kept": len(keep), "best": list(best),
+                       "best_metric": est[best].metric, **({"stop": stop} if stop else {})})
+        if stop:
             return best, rounds
         n = min(2 * n, n_max)

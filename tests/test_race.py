@@ -11,8 +11,10 @@ from .conftest import LAUNCHER, ROOT, TOY, kill_when, neon, small_overrides, tor
 
 pytestmark = pytest.mark.slow  # whole sweeps, a kill and a 2-rank run
 
-# several rounds on the small toy: a wide z keeps the 4 points (w = 0 always in) racing to eval.n (250 -> 2000)
-RACE = ["sweep.mode=race", "sweep.race.n0=250", "sweep.race.z=50", "eval.n=2000", "eval.chunk=250",
+# several rounds on the small toy: a wide z (and no futility stop) keeps the 4 points (w = 0 always in) racing
+# to eval.n (250 -> 2000)
+RACE = ["sweep.mode=race", "sweep.race.n0=250", "sweep.race.z=50", "sweep.race.futility=false", "eval.n=2000",
+        "eval.chunk=250",
         "sweep.w_min=1.0", "sweep.w_max=2.0", "sweep.w_step=0.5", "sweep.refine_w=0"]
 
 

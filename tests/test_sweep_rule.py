@@ -114,3 +114,17 @@ def test_race_refines_around_the_grid_winner_reusing_its_samples():
     refine = [r for r in rounds if r.get("refine")]
     assert refine and refine[0]["points"] == 3 and {(0.4, None), (0.6, None)} <= set(last)
     assert len(calls) == len(set(calls))  # nothing evaluated twice at the same n
+
+
+def test_race_stops_for_futility_on_a_tie_it_could_not_resolve_at_n_max_and_not_on_a_real_gap():
+    tie, _ = noisy(lambda w: 0.0 if abs(w) <= 0.25 else 1.0)
+    grid = [-1.0, -0.25, 0.0, 0.25, 1.0]
+    _b, _e, _l, rounds = race(tie, grid, [], n0=100, n_max=6400, z=2.0)
+    assert rounds[-1]["stop"] == "futility" and 1600 <= rounds[-1]["n"] < 6400 and rounds[-1]["kept"] == 3
+    assert all("stop" not in r for r in rounds[:-1]) and all(r["n"] >= 1600 for r in rounds if r.get("stop"))
+    _b, _e, _l, rounds = race(tie, grid, [], n0=100, n_max=6400, z=2.0, futility=False)
+    assert rounds[-1]["stop"] == "n_max" and rounds[-1]["n"] == 6400
+    # a gap of about 2 paired se at n_max / 4 (4 at n_max): raced on until it is resolved
+    gap, _ = noisy(lambda w: 0.0 if w == 0 else 0.025 if w == 0.25 else 1.0)
+    (bw, _), _e, _l, rounds = race(gap, grid, [], n0=100, n_max=6400, z=2.0)
+    assert bw == 0.0 and rounds[-1]["stop"] == "one point"
