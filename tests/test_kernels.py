@@ -125,6 +125,19 @@ def test_many_fp32_odd_sizes_one_launch(w, seed, launches):
         assert torch.equal(b.isnan(), b0.isnan()) and torch.equal(b.nan_to_num(), b0.nan_to_num())
 
 
+def test_many_tensors_each_block_finds_its_tensor(launches):
+    """37 tensors (empty ones first, last and between; sizes on and off the block boundary): every
+    program's binary search over the per-tensor table lands on its own tensor."""
+    gen = torch.Generator().manual_seed(7)
+    sizes = [0] + [int(x) for x in torch.randint(0, 3 * 1024, (35,), generator=gen)] + [0]
+    sizes[5], sizes[6], sizes[20] = 0, 1024, 2048
+    bases, synths = _many_inputs([(n,) for n in sizes], 301)
+    outs = extrapolate_many(bases, synths, 0.9)
+    assert len(launches) == 1
+    for b, s, o in zip(bases, synths, outs):
+        _assert_matches(o, extrapolate_reference(b, s, 0.9))
+
+
 @pytest.mark.parametrize("dtype,seed", [(F16, 201), (BF16, 202)])
 def test_many_half_types_within_one_ulp(dtype, seed, launches):
     bases, synths = _many_inputs(SHAPES, seed, (dtype, dtype))
