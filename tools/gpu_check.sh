@@ -44,7 +44,8 @@ install() {
 
 main() {
     install || return
-    "$PY" -m neon_scale.cli doctor || true  # the stack as neon_scale sees it here (a report; never fails)
+    # the stack as the installed neon_scale sees it (from /tmp: not the source tree's package, which has no op)
+    (cd /tmp && "$PY" -m neon_scale.cli doctor) || true
     PYTHONUNBUFFERED=1 "$PY" bench/gpu_check.py --out "$OUT/gpu_check.json" "$@"
 }
 
