@@ -10,11 +10,11 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || 
 # The venv's bin first: its ninja must build extensions, not the system one.
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu
 
-.PHONY: install demo digits bench-digits bench-selection bench-kills bench-matrix test test-fast tiny-assets clean-runs
+.PHONY: install install-cluster demo digits bench-digits bench-selection bench-kills bench-matrix bench-gpu-check test test-fast tiny-assets clean-runs
 
 install: $(STAMP)
 
-$(STAMP): setup.py requirements.txt constraints.txt tools/fix_torchvision_cpu.py csrc/fid_preprocess.cpp csrc/fid_preprocess_cuda.cu csrc/fid_preprocess.h
+$(STAMP): setup.py pyproject.toml requirements.txt constraints.txt tools/fix_torchvision_cpu.py csrc/fid_preprocess.cpp csrc/fid_preprocess_cuda.cu csrc/fid_preprocess.h
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0 $(QUIET)
 	$(PIP) -c constraints.txt -r requirements.txt $(QUIET)
@@ -22,6 +22,12 @@ $(STAMP): setup.py requirements.txt constraints.txt tools/fix_torchvision_cpu.py
 	$(PY) tools/fix_torchvision_cpu.py
 	$(RUN) $(PY) -c "import torch, deepspeed, triton, webdataset, safetensors, rich, torch_fidelity, neon_scale.kernels, neon_scale._fid_ops, diffusers, sklearn, tensorboard"
 	touch $(STAMP)
+
+# neon_scale into the active Python environment (or PYTHON=/path/to/env/bin/python) over the torch,
+# torchvision and triton it already has, changing none of them: a GPU cluster's CUDA torch
+# (README "On a GPU cluster"). Not the CPU .venv: `make install` is that.
+install-cluster:
+	bash tools/install_cluster.sh
 
 demo: install
 	$(RUN) $(VENV)/bin/neon run --config configs/toy2d.yaml
@@ -44,6 +50,12 @@ bench-selection: install
 # 2 cores; `make test` takes 2 points of the run and consolidate's renames)
 bench-kills: install
 	NEON_KILL_POINTS=all $(RUN) $(PY) -m pytest -q tests/test_kills.py -k "run_killed or consolidate"
+
+# every CUDA path checked against its reference and timed (bench/gpu_check.py); with this CPU venv
+# it is the reference mode: the same checks at tiny sizes, Triton interpreted (under 2 min on 2
+# cores). On a GPU machine: bash tools/gpu_check.sh (README "Checking the CUDA paths")
+bench-gpu-check: install
+	OMP_NUM_THREADS=1 $(RUN) $(PY) bench/gpu_check.py --out runs/gpu_check.json
 
 tiny-assets: install
 	$(RUN) $(PY) tools/make_tiny_assets.py runs/tiny-assets

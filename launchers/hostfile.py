@@ -186,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(shlex.join(cmd))
             return 0
         if shutil.which(cmd[0]) is None:
-            hint = "run inside an sbatch/salloc allocation" if cmd[0] == "srun" else "activate the .venv"
+            hint = ("run inside an sbatch/salloc allocation" if cmd[0] == "srun"
+                    else "activate the environment neon_scale is installed in, or set NEON_ENV")
             raise ValueError(f"{cmd[0]!r} is not on PATH ({hint})")
         if uses_hostfile:
             write_hostfile(nodes, slots, hostfile)

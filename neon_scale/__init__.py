@@ -2,7 +2,7 @@
 
 Layers, bottom up; a module imports only from its own layer and those below (tests/test_layers.py):
 
-1. foundation   errors, slurm, fields, dist, console, io, rng, stop, lock, ckpt_files
+1. foundation   errors, slurm, fields, dist, console, io, rng, stop, lock, ckpt_files, doctor
 2. kernels      Triton kernels and their torch twins (kernels/, installed as neon_scale.kernels)
 3. leaves       models (networks, samplers, VAEs), sampling, data, metrics (images or features in),
                 merge (readers, writer, formula), tracking

@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from . import __version__
 from .errors import DISK_FULL, NeonError, Stopped
 
 # The commands import the package inside their functions, the one place that does: each loads only
@@ -25,7 +26,7 @@ STAGE_HELP = {
     "train": "fine-tune theta_r on S with DeepSpeed -> theta_s checkpoints",
     "sweep": "merge theta_r + w (theta_r - theta_s), evaluate, select w",
 }
-COMMANDS = (*STAGE_HELP, "merge", "consolidate", "fid", "diagnose")
+COMMANDS = (*STAGE_HELP, "merge", "consolidate", "fid", "diagnose", "export", "plan", "doctor")
 
 
 TRUST_HELP = ("let torch.load unpickle classes outside the allow-list in the files read (resumed checkpoints "
@@ -46,6 +47,19 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="run only this stage (repeatable)")
     _add_common_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dry-run", action="store_true", help="print the plan (as `neon plan`) and run nothing")
+    _add_throughput_args(p)
+
+
+PLAN_HELP = "print per stage the work and, given a throughput, the time of a config, running nothing"
+
+
+def _add_throughput_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images-per-s", type=float, metavar="R", help="plan: sampling throughput of the whole job "
+                   "(images/s; in the sweep with their feature extraction)")
+    p.add_argument("--train-images-per-s", type=float, metavar="R", help="plan: training throughput (images/s)")
+    p.add_argument("--measure", action="store_true", help="plan: measure both on this machine on a few batches "
+                   "(random weights; slow for large models on a CPU); stated values win")
 
 
 def _add_merge_args(p: argparse.ArgumentParser) -> None:
@@ -138,10 +152,45 @@ def _add_diagnose_args(p: argparse.ArgumentParser) -> None:
     _add_common_args(p)
 
 
+EXPORT_HELP = "our weights -> the official DiT .pt / xAR .pth file (or an official file -> our safetensors)"
+EXPORT_DESCRIPTION = f"""{EXPORT_HELP}.
+
+The networks keep the official parameter names, so no key is renamed: OUT holds exactly the official
+keys and shapes (checked before anything is written; a source that is not a --to state dict is one
+line naming the first missing or unexpected key), written with torch.save of plain tensors.
+OUT's suffix picks the direction:
+  OUT.pt / OUT.pth, --container plain (default): a bare state dict, what the official scripts read:
+      DiT:  sample.py / sample_ddp.py --model DiT-XL/2 --image-size 256 --ckpt OUT.pt
+      xAR:  eval.py --model xar_large --resume OUT.pth (the Neon authors' calculate_fid.py --model_ckpt)
+  --container train: the training checkpoint's weight entries, the same tensors under both:
+      DiT {{"model", "ema"}} (find_model takes "ema"); xAR {{"model", "model_ema"}}: name it
+      checkpoint-last.pth in DIR for main_mar.py --resume DIR
+  OUT.safetensors: the import direction: an official file (bare, or a training checkpoint: the EMA
+      unless --key) -> our safetensors, checked the same way.
+Prints the official model name and flags the sizes match."""
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="our weights: .safetensors, a safetensors dir (index, or a `neon merge` output), a "
+                               "DeepSpeed checkpoint dir; or an official .pt/.pth (import)")
+    p.add_argument("--to", "--model", dest="kind", choices=["dit", "xar"], required=True,
+                   help="the model family whose official layout OUT gets")
+    p.add_argument("-o", "--out", required=True, help="OUT.pt / OUT.pth (official layout) or OUT.safetensors (ours)")
+    p.add_argument("--container", choices=["plain", "train"], default="plain",
+                   help="plain: a bare state dict (default; the official sampling / evaluation scripts); train: "
+                        "the training checkpoint's weight entries")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast float tensors (default: keep each dtype)")
+    p.add_argument("--key", help="sub-dict of a .pt/.pth SRC: ema, model_ema, model (default: the EMA, else the only one)")
+    p.add_argument("--tag", help="DeepSpeed checkpoint tag of a checkpoint-dir SRC (default: 'latest')")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    _add_common_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neon", description="Neon: improve a generator by extrapolating away from its own self-training.",
         epilog="Multi-rank: DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launchers/neon.py --config configs/toy2d.yaml")
+    parser.add_argument("--version", action="version", version=f"neon_scale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in STAGE_HELP.items():
         _add_run_args(sub.add_parser(name, help=help_text, description=help_text))
@@ -164,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="Multi-rank: torchrun --nproc-per-node 8 launchers/neon.py fid ..."))
     _add_diagnose_args(sub.add_parser("diagnose", help=DIAGNOSE_HELP, description=DIAGNOSE_DESCRIPTION,
                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+    plan = sub.add_parser("plan", help=PLAN_HELP, description=PLAN_HELP)
+    plan.add_argument("--config", "-c", required=True, help="YAML config, e.g. configs/xar_l_in256.yaml")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value (repeatable), as for `neon run`")
+    plan.add_argument("--run-dir", help="output directory (default: runs/<config name>)")
+    _add_throughput_args(plan)
+    _add_common_args(plan)
+    _add_export_args(sub.add_parser("export", help=EXPORT_HELP, description=EXPORT_DESCRIPTION,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter))
+    doctor_help = "print the stack neon_scale runs on here (torch, CUDA, GPUs, DeepSpeed, the csrc op)"
+    _add_common_args(sub.add_parser("doctor", help=doctor_help, description=doctor_help))
     return parser
 
 
@@ -180,7 +240,17 @@ def _exit(code: int) -> None:
     os._exit(code)  # peers blocked in a collective are killed by the launcher when this rank exits
 
 
+def run_plan(args: argparse.Namespace) -> None:
+    """`neon plan` and `neon run --dry-run`: loads the config, prints its plan, writes nothing."""
+    from .stages.plan import run_plan as plan
+
+    plan(args.config, list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else []),
+         args.images_per_s, args.train_images_per_s, args.measure)
+
+
 def run_command(args: argparse.Namespace) -> None:
+    if args.dry_run:
+        return run_plan(args)
     from . import dist, io, pipeline, stop
     from .config import load_config
     from .train.deepspeed_config import check_user_json
@@ -259,10 +329,21 @@ def main(argv: list[str] | None = None) -> None:
 
             consolidate(args.ckpt_dir, args.out, tag=args.tag, ema=args.ema, dtype=args.dtype,
                         max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        elif args.command == "export":
+            from .merge.export import export
+
+            export(args.src, args.out, args.kind, container=args.container, dtype=args.dtype, key=args.key,
+                   tag=args.tag, overwrite=args.overwrite)
         elif args.command == "fid":
             run_fid(args)
         elif args.command == "diagnose":
             run_diagnose(args)
+        elif args.command == "plan":
+            run_plan(args)
+        elif args.command == "doctor":
+            from .doctor import doctor
+
+            _exit(doctor())
         else:
             run_command(args)
     except Stopped as e:  # saved what it had: a rerun resumes (neon.sbatch requeues on this status)

@@ -215,7 +215,9 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | None, overrides: list[str] = (), check_files: bool = True) -> Config:
+    """The validated config of `path` (None: the defaults) with dotted `overrides`; every missing
+    file it names in one line (check_files=False: not checked, as `neon plan` does: missing_files)."""
     raw: dict[str, Any] = {}
     where = "<defaults>"
     if path is not None:
@@ -241,6 +243,9 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     if not cfg.run_dir:
         cfg.run_dir = str(pathlib.Path("runs") / cfg.name)
     validate(cfg, where)
+    missing = missing_files(cfg) if check_files else []
+    if missing:
+        raise NeonError(f"{where}: " + "; ".join(missing))
     return cfg
 
 
@@ -268,8 +273,6 @@ def validate(cfg: Config, where: str) -> None:
             raise NeonError(f"{where}: 'synth.samplers[{i}]' must be a mapping, got {s!r}")
         spec.check_sampler(model_args, spec.parse_sampler(s, where, f"synth.samplers[{i}]"), where, f"synth.samplers[{i}]")
     spec.check_sampler(model_args, spec.parse_sampler(cfg.eval.sampler, where, "eval.sampler"), where, "eval.sampler")
-    if spec.makes_images:
-        _validate_image_eval(cfg, where)
     trainers = [("train", cfg.train)] + ([("base.train", cfg.base.train)] if cfg.base.train is not None else [])
     for prefix, t in trainers:
         _validate_trainer(t, prefix, spec, model_args, cfg.model.name, where)
@@ -305,8 +308,6 @@ def validate(cfg: Config, where: str) -> None:
     if cfg.base.weights is not None:
         if cfg.base.random_init:
             raise NeonError(f"{where}: 'base.random_init' is true but 'base.weights' = {cfg.base.weights!r} is set too")
-        if not os.path.isfile(cfg.base.weights):
-            raise NeonError(f"{where}: 'base.weights' = {cfg.base.weights!r}: file not found")
     elif not spec.has_real_data and not cfg.base.random_init and cfg.data.source is None:
         raise NeonError(f"{where}: 'base.weights' is required for model {cfg.model.name!r} (or data.source to train "
                         f"it from scratch; base.random_init: true gives random weights, for smoke tests)")
@@ -328,19 +329,29 @@ def _validate_trainer(t: TrainConfig, prefix: str, spec, model_args, model_name:
 _BACKBONE_WEIGHTS = {"inception": "inception_weights", "dinov2": "dinov2_weights", "classifier": "classifier_weights"}
 
 
-def _validate_image_eval(cfg: Config, where: str) -> None:
-    """Image models: the backbone's weights and the reference statistics exist, or data.source
-    provides them (the classifier is trained on it; the reference comes from its images)."""
-    ev = cfg.eval
-    key = _BACKBONE_WEIGHTS[ev.features]
-    value = getattr(ev, key)
-    trainable = ev.features == "classifier" and cfg.data.source is not None
-    if value is not None or not trainable:
-        if not value or not os.path.isfile(value):
+def needed_files(cfg: Config) -> list[tuple[str, Any, str]]:
+    """(config key, value, what it is) of every local file the config names and a run reads:
+    theta_r, the model's own files (a VAE), and for image models the backbone's weights and the
+    reference statistics unless data.source provides them (the classifier is trained on it; the
+    reference comes from its images)."""
+    spec = get_spec(cfg.model.name, "<config>")
+    out = [("base.weights", cfg.base.weights, "theta_r")] if cfg.base.weights is not None else []
+    out += spec.files(cfg.model.parsed_args)
+    if spec.makes_images:
+        ev = cfg.eval
+        key = _BACKBONE_WEIGHTS[ev.features]
+        value = getattr(ev, key)
+        if value is not None or not (ev.features == "classifier" and cfg.data.source is not None):
             hint = " (or data.source to train one)" if ev.features == "classifier" else ""
-            raise NeonError(f"{where}: 'eval.{key}' = {value!r}: file not found (eval.features = {ev.features!r} "
-                            f"reads its weights from this local file{hint})")
-    if ev.ref_stats is not None or cfg.data.source is None:
-        if not ev.ref_stats or not os.path.isfile(ev.ref_stats):
-            raise NeonError(f"{where}: 'eval.ref_stats' = {ev.ref_stats!r}: file not found (image models are "
-                            f"evaluated against these reference statistics, or against data.source's images)")
+            out.append((f"eval.{key}", value, f"eval.features = {ev.features!r} reads its weights from this local "
+                                               f"file{hint}"))
+        if ev.ref_stats is not None or cfg.data.source is None:
+            out.append(("eval.ref_stats", ev.ref_stats, "image models are evaluated against these reference "
+                                                        "statistics, or against data.source's images"))
+    return out
+
+
+def missing_files(cfg: Config) -> list[str]:
+    """"'key' = value: file not found (what)" for each needed file that does not exist."""
+    return [f"'{key}' = {value!r}: file not found ({what})" for key, value, what in needed_files(cfg)
+            if not value or not os.path.exists(value)]

@@ -42,7 +42,10 @@ def fake_bin(tmp_path, gpu=False):
     for name, body in scripts.items():
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / name).chmod(0o755)
-    (bin_dir / "python").symlink_to(sys.executable)
+    # this interpreter by its own path (a symlink would lose its venv), so `python` imports neon_scale as
+    # launchers/slurm/environment.sh checks
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
     return bin_dir
 
 

@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("__init__", "errors", "slurm", "fields", "dist", "console", "io", "rng", "stop", "lock",
-                    "ckpt_files")),
+                    "ckpt_files", "doctor")),
     ("kernels", ("kernels", "_fid_ops")),
     ("leaves", ("models", "sampling", "data", "metrics", "merge", "tracking")),
     ("specs", ("specs",)),      # the registry: specs bind the networks to the stages

@@ -129,7 +129,8 @@ def run_sbatch(tmp_path, *args, **extra):
     env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID=free_job_id(),
                     SLURM_JOB_NODELIST="localhost", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_NNODES="1",
                     SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_CPUS_PER_TASK="1", SLURM_SUBMIT_DIR=str(ROOT),
-                    FAKE_SRUN_LOG=str(tmp_path / "srun.log"), FAKE_SCONTROL_LOG=str(tmp_path / "scontrol.log"), **extra)
+                    FAKE_SRUN_LOG=str(tmp_path / "srun.log"), FAKE_SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+                    NEON_ENV=sys.prefix, **extra)  # this venv, activated by the script as a user's NEON_ENV would be
     proc = subprocess.run(["bash", str(SBATCH), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=RUN_TIMEOUT)
     return proc, env["SLURM_JOB_ID"]

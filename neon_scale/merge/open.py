@@ -1,5 +1,6 @@
-"""The reader for a path: safetensors (file or indexed directory), PyTorch file, or DeepSpeed
-ZeRO checkpoint directory."""
+"""The reader for a path: safetensors (file, indexed directory, or a directory holding the one
+`model.safetensors` that `neon merge` / `neon consolidate` write when everything fits one shard),
+PyTorch file, or DeepSpeed ZeRO checkpoint directory."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,7 @@ import pathlib
 
 from ..errors import NeonError
 from .sources import INDEX_NAME, SafetensorsSource, TensorSource, TorchSource
+from .writer import shard_file_names
 from .zero import ZeroCheckpointSource, is_zero_checkpoint
 
 
@@ -19,9 +21,12 @@ def open_source(path: str | os.PathLike, *, tag: str | None = None, key: str | N
     if p.is_dir():
         if (p / INDEX_NAME).is_file():
             return SafetensorsSource(p)
+        single = p / shard_file_names(1)[0]  # one shard: the writers write no index
+        if single.is_file():
+            return SafetensorsSource(single)
         if is_zero_checkpoint(p, tag):
             return ZeroCheckpointSource(p, tag)
-        raise NeonError(f"{p}: neither a safetensors directory ({INDEX_NAME}) nor a DeepSpeed checkpoint ('latest' or --tag)")
+        raise NeonError(f"{p}: neither a safetensors directory ({INDEX_NAME} or {shard_file_names(1)[0]}) nor a DeepSpeed checkpoint ('latest' or --tag)")
     if p.suffix == ".safetensors":
         return SafetensorsSource(p)
     if p.suffix in (".pt", ".pth", ".bin", ".ckpt"):

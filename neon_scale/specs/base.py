@@ -29,7 +29,12 @@ class ModelSpec(abc.ABC):
         return from_dict(self.Sampler, raw or {}, where, prefix=key)
 
     def validate(self, args, where: str) -> None:
-        """Cross-checks of parsed model args and the files they name (one line, at config time)."""
+        """Cross-checks of parsed model args (one line, at config time)."""
+
+    def files(self, args) -> list[tuple[str, str, str]]:
+        """(config key, path, what it is) of each file the args name: config.validate reports every
+        missing one at once."""
+        return []
 
     def check_sampler(self, args, sampler, where: str, key: str) -> None:
         """Cross-checks of a parsed sampler setting against the parsed model args (config time)."""

@@ -7,7 +7,6 @@ generate their synthetic sets: sample i of a set (or of an eval run) gets class 
 """
 from __future__ import annotations
 
-import os
 from typing import ClassVar
 
 import torch
@@ -58,15 +57,15 @@ class LatentImageSpec(ModelSpec):
         return {"x": images.float() / 127.5 - 1.0}
 
     def validate(self, args, where: str) -> None:
-        if args.vae == NO_VAE:
-            if "channels" not in self.DATA_ARGS:
-                raise NeonError(f"{where}: 'model.args.vae' = {NO_VAE!r}: model {self.name!r} has no pixel-space form")
-            return
-        if args.vae != RANDOM_VAE and not os.path.exists(args.vae or ""):
-            what = "Stable Diffusion VAE (sd-vae-ft-ema/-mse folder)" if self.vae_kind == "sd" else \
-                "MAR KL-16 VAE (kl16.ckpt)"
-            raise NeonError(f"{where}: 'model.args.vae' = {args.vae!r}: file not found ({what}; "
-                            f"'{NO_VAE}' for pixel space, or '{RANDOM_VAE}' for a small random VAE)")
+        if args.vae == NO_VAE and "channels" not in self.DATA_ARGS:
+            raise NeonError(f"{where}: 'model.args.vae' = {NO_VAE!r}: model {self.name!r} has no pixel-space form")
+
+    def files(self, args) -> list[tuple[str, str, str]]:
+        if args.vae in (NO_VAE, RANDOM_VAE):
+            return []
+        what = "Stable Diffusion VAE (sd-vae-ft-ema/-mse folder)" if self.vae_kind == "sd" else "MAR KL-16 VAE (kl16.ckpt)"
+        return [("model.args.vae", args.vae or "", f"{what}; '{NO_VAE}' for pixel space, or '{RANDOM_VAE}' for a small "
+                                                   f"random VAE")]
 
     def vae(self, args, device: torch.device):
         """The configured VAE on `device`, built once per (file, device)."""
