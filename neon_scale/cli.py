@@ -38,13 +38,14 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
+def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--config", "-c", required=True, help="YAML config, e.g. configs/toy2d.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-5 (repeatable)")
     p.add_argument("--run-dir", help="output directory (default: runs/<config name>)")
+    # a stage command runs its own stage: `neon base --stage sweep` is refused in main() (one line)
     p.add_argument("--stage", choices=[s for s in STAGE_HELP if s != "run"], action="append",
-                   help="run only this stage (repeatable)")
+                   help="run only this stage (repeatable)" if command == "run" else argparse.SUPPRESS)
     _add_common_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help="print the plan (as `neon plan`) and run nothing")
@@ -66,11 +67,16 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", help="theta_r: .safetensors, safetensors dir with index, .pt/.pth, or DeepSpeed checkpoint dir")
     p.add_argument("theta_s", metavar="self", help="theta_s (the self-trained weights), same formats")
     p.add_argument("--w", type=float, action="append", required=True,
-                   help="extrapolation weight (repeatable: several outputs OUT/w=<w>/ from one read)")
+                   help="extrapolation weight; one --w writes the model into OUT itself, several (repeatable) "
+                        "one folder each, OUT/w=<w>/, from one read")
     p.add_argument("-o", "--out", required=True, help="output directory")
     p.add_argument("--tag", help="DeepSpeed checkpoint tag for both inputs (default: 'latest')")
     p.add_argument("--base-tag", help="tag for BASE only")
     p.add_argument("--self-tag", help="tag for SELF only")
+    p.add_argument("--step", type=int, metavar="N", help="SELF (a DeepSpeed checkpoint dir): the checkpoint of "
+                   "optimizer step N (tag stepNNNNNN; train.save_steps are kept), instead of 'latest'")
+    p.add_argument("--ema", action="store_true", help="SELF (a DeepSpeed checkpoint dir): the EMA weights kept "
+                   "during training (train.ema_decay; what the sweep scores), not the fp32 master weights")
     p.add_argument("--key", help="sub-dict of a .pt/.pth file: ema, model_ema, model, state_dict (default: the only one)")
     p.add_argument("--base-key", help="sub-dict for BASE only")
     p.add_argument("--self-key", help="sub-dict for SELF only")
@@ -89,10 +95,10 @@ def _add_fid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", default="inception", metavar="NAME",
                    help="feature backbone: inception (FID; default), dinov2 (FD_DINOv2) or classifier "
                         "(the project's classifier on the real data)")
-    p.add_argument("--weights", required=True,
-                   help="the backbone's local weights file (never downloaded): inception: torch-fidelity's "
-                        "weights-inception-2015-12-05-6726825d.pth; dinov2: dinov2_vitl14_pretrain.pth; "
-                        "classifier: the project's trained classifier")
+    p.add_argument("--weights",
+                   help="the backbone's local weights file (never downloaded), needed unless both inputs are "
+                        "statistics files: inception: torch-fidelity's weights-inception-2015-12-05-6726825d.pth; "
+                        "dinov2: dinov2_vitl14_pretrain.pth; classifier: the project's trained classifier")
     p.add_argument("--metrics", default=None, help="comma list of fid,isc,kid,prc (default: fid with a second "
                                                    "input or --ref, else isc); fid is the Frechet distance in "
                                                    "the backbone's features, isc needs a backbone with logits")
@@ -193,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"neon_scale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in STAGE_HELP.items():
-        _add_run_args(sub.add_parser(name, help=help_text, description=help_text))
+        _add_run_args(sub.add_parser(name, help=help_text, description=help_text), name)
     merge_help = "theta_r + w (theta_r - theta_s) from two checkpoints to safetensors, streaming"
     _add_merge_args(sub.add_parser("merge", help=merge_help, description=merge_help))
     cons_help = "a DeepSpeed ZeRO 1/2/3 checkpoint -> safetensors (fp32 masters), streaming"
@@ -312,6 +318,9 @@ def _negative_w(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(_negative_w(sys.argv[1:] if argv is None else list(argv)))
+    if args.command in STAGE_HELP and args.command != "run" and args.stage:
+        _fail(f"neon {args.command} runs the {args.command} stage only; --stage {' --stage '.join(args.stage)} "
+              f"is for `neon run` (e.g. neon run --config ... --stage {args.stage[0]})", 2)
     if getattr(args, "trust_pickles", False):
         from .io import trust_pickles
 
@@ -320,10 +329,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "merge":
             from .merge.merge_files import merge
 
+            from .ckpt_files import tag_of
+
+            if args.step is not None and (args.self_tag or args.tag):
+                raise NeonError(f"merge: --step {args.step} names SELF's tag ({tag_of(args.step)}); drop --self-tag/--tag")
             merge(args.base, args.theta_s, args.w, args.out, base_tag=args.base_tag or args.tag,
-                  theta_s_tag=args.self_tag or args.tag, base_key=args.base_key or args.key,
-                  theta_s_key=args.self_key or args.key, max_shard_size=args.max_shard_size, dtype=args.dtype,
-                  overwrite=args.overwrite)
+                  theta_s_tag=tag_of(args.step) if args.step is not None else args.self_tag or args.tag,
+                  base_key=args.base_key or args.key, theta_s_key=args.self_key or args.key, theta_s_ema=args.ema,
+                  max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite)
         elif args.command == "consolidate":
             from .merge.consolidate import consolidate
 

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import math
 import os
@@ -28,9 +29,11 @@ import time
 from typing import Iterator
 
 import torch
+from rich.markup import escape
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .console import log
 from .errors import DISK_FULL, NeonError, name_keys
 
 _UMASK = os.umask(0)
@@ -197,6 +200,15 @@ def _non_finite(obj, where: str = "") -> str | None:
     return None
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 16 MiB blocks (provenance of merged models)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_json(path: str | os.PathLike):
     path = pathlib.Path(path)
     try:
@@ -216,7 +228,7 @@ def save_state_dict(path: str | os.PathLike, state: dict[str, torch.Tensor], met
 
 # Sub-dicts of training checkpoints that may hold the weights. DiT's train.py saves
 # {"model", "ema", "opt", "args"}, MAR/xAR's {"model", "model_ema", ...}; when several are present
-# the EMA is taken (what is sampled).
+# the EMA is taken (what is sampled), and one line names it and the others.
 CONTAINER_KEYS = ("ema", "model_ema", "model", "state_dict", "module")
 EMA_KEYS = ("ema", "model_ema")
 
@@ -240,6 +252,10 @@ def pick_state_dict(obj, key: str | None, path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
         candidates = [k for k in CONTAINER_KEYS if _is_state_dict(obj.get(k))]
         if candidates and (len(candidates) == 1 or candidates[0] in EMA_KEYS):
+            if len(candidates) > 1:  # never silently: say which one and what else is there
+                others = ", ".join(repr(k) for k in candidates[1:])
+                log(escape(f"{path}: took the state dict {candidates[0]!r} (the EMA); also holds {others} "
+                           f"(pick one with a key: --key / --base-key / --self-key, base.weights_key)"))
             return obj[candidates[0]]
         if len(candidates) > 1:
             raise NeonError(f"{path}: several state dicts {candidates}; pick one with a key")

@@ -1,6 +1,6 @@
 """Training and sweep curves for TensorBoard (and, when asked for, Weights & Biases). Rank 0 only.
 
-    with open_tracker(ctx.run_dir, ctx.cfg.run, "train/zeta=1.1") as tracker:
+    with open_tracker(ctx.run_dir, ctx.cfg.run, "train/zeta_1.1") as tracker:
         tracker.scalars("train", {"loss": 0.12, "lr": 1e-5, "grad_norm": None}, step)   # train/loss, train/lr
 
 Event files go to `<run_dir>/tb/<name>/` (`tensorboard --logdir <run_dir>/tb`); W&B, when
@@ -151,7 +151,7 @@ class _DiskErrors:
 
 def open_tracker(run_dir: pathlib.Path, run_cfg: TrackingSettings, name: str, config: dict | None = None, *,
                  purge_step: int | None = None, fresh: bool = False) -> Tracker:
-    """A Tracker for `name` ("base", "train/zeta=1.1", "sweep") in `run_dir`, as the config's `run`
+    """A Tracker for `name` ("base", "train/zeta_1.1", "sweep") in `run_dir`, as the config's `run`
     section `run_cfg` asks (its tensorboard, wandb, wandb_project and wandb_mode settings).
 
     config: recorded with the run (TensorBoard text `config`, W&B run config).

@@ -56,7 +56,7 @@ def test_truncated_shard_stops_train_naming_the_shard(run_dir):
     args = ["--config", str(TOY), "--run-dir", str(run_dir), *small_overrides()]
     proc = neon("run", "--stage", "base", "--stage", "synth", *args)
     assert proc.returncode == 0, proc.stderr
-    shard = run_dir / "synth" / "zeta=1.1" / "shard-000002.tar"
+    shard = run_dir / "synth" / "zeta_1.1" / "shard-000002.tar"
     raw = shard.read_bytes()
     shard.write_bytes(raw[: len(raw) // 3])
     proc = neon("train", *args)

@@ -163,8 +163,8 @@ def _diagnose_toy(config, run_dir, *overrides):
 @pytest.mark.slow  # the full toy base (10k Adam steps, ~40 s) + 2 x 1000 synthetic samples + diagnose
 def test_toy_diffusion_signs_match_the_sweep(tmp_path):
     rows = _diagnose_toy(TOY, tmp_path / "run")
-    assert rows["zeta=1.1"]["predicted_w_sign"] == +1  # sweep: best w +1.15 (50 steps), +0.35 (250)
-    assert rows["zeta=0.9"]["predicted_w_sign"] == -1  # sweep: -1.35, -0.25
+    assert rows["zeta_1.1"]["predicted_w_sign"] == +1  # sweep: best w +1.15 (50 steps), +0.35 (250)
+    assert rows["zeta_0.9"]["predicted_w_sign"] == -1  # sweep: -1.35, -0.25
     assert all(row["interval_excludes_zero"] for row in rows.values()), rows
 
 
@@ -172,6 +172,6 @@ def test_toy_diffusion_signs_match_the_sweep(tmp_path):
 def test_toy_ar_signs_match_the_sweep(tmp_path):
     # S of 2e4 instead of 1e5: the same base and sampler, a smaller sample of the same distribution
     rows = _diagnose_toy(TOY_AR, tmp_path / "run", "synth.n=20000")
-    assert rows["temperature=0.5"]["predicted_w_sign"] == +1  # sweep: +0.18 (50 epochs), +0.08 (250)
-    assert rows["temperature=1.6"]["predicted_w_sign"] == -1  # sweep: -0.28, -0.15
+    assert rows["temperature_0.5"]["predicted_w_sign"] == +1  # sweep: +0.18 (50 epochs), +0.08 (250)
+    assert rows["temperature_1.6"]["predicted_w_sign"] == -1  # sweep: -0.28, -0.15
     assert all(row["interval_excludes_zero"] for row in rows.values()), rows

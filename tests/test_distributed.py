@@ -30,17 +30,17 @@ def test_two_ranks_run_every_stage_with_zero2(runs):
     assert proc.stdout.count("Neon sweep") == 1  # rank 0 prints; rank 1 stays quiet
     summary = json.loads((two / "sweep" / "summary.json").read_text())
     assert len(summary) == 4
-    ckpt = two / "train" / "zeta=1.1" / "ckpt"
+    ckpt = two / "train" / "zeta_1.1" / "ckpt"
     tag = (ckpt / "latest").read_text().strip()
     parts = sorted(p.name for p in (ckpt / tag).iterdir() if "optim_states" in p.name)
     assert len(parts) == 2 and all("zero_pp_rank_" in p for p in parts)  # ZeRO partitions per rank
-    losses = [json.loads(line)["loss"] for line in (two / "train" / "zeta=1.1" / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(line)["loss"] for line in (two / "train" / "zeta_1.1" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 4 and all(l == l for l in losses)
 
 
 def test_synthetic_set_is_the_same_whatever_the_world_size(runs):
     one, two, _ = runs
-    for tag in ("zeta=1.1", "zeta=0.9"):
+    for tag in ("zeta_1.1", "zeta_0.9"):
         shards = sorted((one / "synth" / tag).glob("shard-*.tar"))
         assert len(shards) == 4
         a = read_shards(shards)
@@ -64,7 +64,7 @@ def test_two_rank_eval_equals_one_rank(runs, tmp_path):
 
 def test_two_rank_theta_s_matches_one_rank_closely(runs):
     one, two, _ = runs
-    name = "train/zeta=1.1/theta_s-step000012.safetensors"
+    name = "train/zeta_1.1/theta_s-step000012.safetensors"
     a, b = load_file(str(one / name)), load_file(str(two / name))
     base = load_file(str(one / "base" / "model.safetensors"))
     for k in a:  # same data and optimizer; only the loss noise draws differ per rank

@@ -16,7 +16,7 @@ from neon_scale.merge.extrapolate import extrapolate_state
 
 from .conftest import TOY, assert_one_line_error, neon, small_overrides
 
-SAMPLER = "zeta=1.1"
+SAMPLER = "zeta_1.1"
 
 
 def _toy_args(run_dir, *extra):

@@ -15,6 +15,7 @@ from neon_scale.io import load_into, load_state_dict
 from neon_scale.specs.registry import get_spec
 
 from .conftest import LAUNCHER, ROOT, assert_one_line_error, neon, torchrun
+from .test_best import best_model_metric
 
 pytestmark = pytest.mark.slow  # whole runs on 2 ranks: `pytest -m 'not slow'` skips them
 
@@ -75,6 +76,14 @@ def test_every_stage_completes_with_in_memory_fid(one_rank):
     assert summary and all(np.isfinite(e["best_metric"]) and e["best_metric"] > 0 for e in summary)
     rows = [json.loads(line) for line in (run_dir / "sweep" / "results.jsonl").read_text().splitlines()]
     assert {r["w"] for r in rows} == {0.0, 1.0} and len({r["metric"] for r in rows}) > 1
+
+
+def test_best_model_reproduces_the_sweeps_metric(one_rank, tiny_assets):
+    name, run_dir = one_rank
+    entry = next(e for e in json.loads((run_dir / "sweep" / "summary.json").read_text()) if "best_model" in e)
+    overrides = [tiny_assets[i + 1] for i in range(0, len(tiny_assets), 2)]  # "--set", "k=v" pairs
+    metric = best_model_metric(CONFIGS[name], overrides, run_dir, entry)
+    assert metric == pytest.approx(entry["best_metric"], rel=1e-6, abs=0)
 
 
 def test_merge_and_consolidate_outputs_load_back(one_rank, tmp_path):

@@ -123,7 +123,7 @@ def test_consolidate_overwrite_killed_at_every_point(tmp_path, call):
     args = ["--config", str(TOY), "--run-dir", str(tmp_path / "run"),
             *small_overrides("synth.samplers=[{zeta: 1.1}]", "train.save_steps=[12]", "train.keep_last=3")]
     assert neon("run", "--stage", "base", "--stage", "synth", "--stage", "train", *args).returncode == 0
-    ckpt = str(tmp_path / "run" / "train" / "zeta=1.1" / "ckpt")
+    ckpt = str(tmp_path / "run" / "train" / "zeta_1.1" / "ckpt")
     out = tmp_path / "cons"
     points = kill_at_every_point(call, out, ["consolidate", ckpt, "-o", str(out), "--overwrite"],
                                  ["consolidate", ckpt, "--tag", "step000006", "-o", str(out), "--overwrite"])

@@ -29,7 +29,7 @@ def test_outputs(small_run):
     run_dir, proc = small_run
     rows = [json.loads(line) for line in (run_dir / "sweep" / "results.jsonl").read_text().splitlines()]
     s = summary(run_dir)
-    assert [e["checkpoint"] for e in s] == ["zeta=1.1/step-6", "zeta=1.1/step-12", "zeta=0.9/step-6", "zeta=0.9/step-12"]
+    assert [e["checkpoint"] for e in s] == ["zeta_1.1/step-6", "zeta_1.1/step-12", "zeta_0.9/step-6", "zeta_0.9/step-12"]
     for e in s:
         assert set(e) >= {"checkpoint", "steps", "sampler", "metric_w0", "best_w", "best_metric"}
         mine = [r for r in rows if r["checkpoint"] == e["checkpoint"]]
@@ -41,7 +41,7 @@ def test_outputs(small_run):
     assert (run_dir / "sweep" / "fid_vs_w.png").stat().st_size > 10_000
     assert "toy2d_diffusion" in (run_dir / "config.yaml").read_text()
     assert "Neon sweep" in proc.stdout and "best w" in proc.stdout
-    theta = load_file(str(run_dir / "train" / "zeta=1.1" / "theta_s-step000012.safetensors"))
+    theta = load_file(str(run_dir / "train" / "zeta_1.1" / "theta_s-step000012.safetensors"))
     base = load_file(str(run_dir / "base" / "model.safetensors"))
     assert set(theta) == set(base) and any((theta[k] != base[k]).any() for k in base)
 
@@ -86,7 +86,7 @@ def test_sigkill_in_train_and_in_sweep_then_resume_equals_uninterrupted(tmp_path
     proc = neon("run", "--config", str(TOY), "--run-dir", str(ref_dir), *small_overrides(*KILL_CFG))
     assert proc.returncode == 0, proc.stderr
 
-    train_dir = run_dir / "train" / "zeta=1.1"
+    train_dir = run_dir / "train" / "zeta_1.1"
     kill_when(_start(run_dir), lambda: (train_dir / "ckpt" / "latest").is_file()
                and not (train_dir / "theta_s-step000300.safetensors").exists())
     results = run_dir / "sweep" / "results.jsonl"
@@ -97,7 +97,7 @@ def test_sigkill_in_train_and_in_sweep_then_resume_equals_uninterrupted(tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "train: complete, skipped" in proc.stdout
     assert summary(run_dir) == summary(ref_dir)
-    for tag in ("zeta=1.1", "zeta=0.9"):
+    for tag in ("zeta_1.1", "zeta_0.9"):
         for step in (6, 300):
             name = f"train/{tag}/theta_s-step{step:06d}.safetensors"
             a, b = load_file(str(ref_dir / name)), load_file(str(run_dir / name))

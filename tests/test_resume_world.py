@@ -44,12 +44,12 @@ def synthetic(tmp_path_factory):
 def train(run_dir, zero, dtype, world, log_dir, stop_after_checkpoint=False):
     procs = launch_ranks(args(run_dir, zero, dtype), world, log_dir)
     if stop_after_checkpoint:  # SIGTERM once the first periodic checkpoint exists: stops a step or so later
-        signal_when(procs, run_dir / "train" / "zeta=1.1" / "ckpt" / "latest", 0, signal.SIGTERM)
+        signal_when(procs, run_dir / "train" / "zeta_1.1" / "ckpt" / "latest", 0, signal.SIGTERM)
     return wait_ranks(procs, log_dir)
 
 
 def theta_s(run_dir):
-    return load_file(run_dir / "train" / "zeta=1.1" / f"theta_s-step{STEPS:06d}.safetensors")
+    return load_file(run_dir / "train" / "zeta_1.1" / f"theta_s-step{STEPS:06d}.safetensors")
 
 
 CASES = [(2, "fp32", 2, 1), (3, "bf16", 1, 2)]
@@ -67,7 +67,7 @@ def test_stopped_on_n_ranks_resumes_on_m(synthetic, tmp_path, zero, dtype, befor
     assert codes == [0], logs
     codes, logs = train(run, zero, dtype, before, tmp_path, stop_after_checkpoint=True)
     assert set(codes) == {EXIT_STOPPED}, logs
-    ckpt = run / "train" / "zeta=1.1" / "ckpt"
+    ckpt = run / "train" / "zeta_1.1" / "ckpt"
     tag = (ckpt / "latest").read_text().strip()
     state = json.loads((ckpt / tag / "trainer-rank00000.json").read_text())
     stopped_at = state["step"]
@@ -78,7 +78,7 @@ def test_stopped_on_n_ranks_resumes_on_m(synthetic, tmp_path, zero, dtype, befor
     assert codes == [0] * after, logs
     assert f"resuming from step {stopped_at} ({stopped_at * 400} images seen, re-partitioned from {before} to " \
            f"{after} rank(s))" in logs[0]
-    rows = [json.loads(ln) for ln in (run / "train" / "zeta=1.1" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(ln) for ln in (run / "train" / "zeta_1.1" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == sorted({r["step"] for r in rows}) and rows[-1]["images"] == STEPS * 400
     got, want = theta_s(run), theta_s(ref)
     base = load_file(run / "base" / "model.safetensors")

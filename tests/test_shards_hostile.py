@@ -154,7 +154,7 @@ def test_an_old_manifest_int64_record_is_not_trained_on(tmp_path):
 def test_train_stops_naming_the_shard_and_record(run_dir):
     args = ["--config", str(TOY), "--run-dir", str(run_dir), *small_overrides("synth.samplers=[{zeta: 1.1}]")]
     assert neon("run", "--stage", "base", "--stage", "synth", *args).returncode == 0
-    set_dir = run_dir / "synth" / "zeta=1.1"
+    set_dir = run_dir / "synth" / "zeta_1.1"
     assert json.loads((set_dir / MANIFEST).read_text())["schema"]["x"] == {"dtype": "float32", "shape": [2]}
     shard = set_dir / "shard-000002.tar"
     with tarfile.open(shard) as tar:  # record 5's x, same values, as int64

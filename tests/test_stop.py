@@ -52,7 +52,7 @@ def test_sigterm_to_one_rank_in_each_stage_stops_all_and_resumes_to_the_same_out
     run_dir = tmp_path / "run"
     stops = [("base", run_dir / "base" / "FINGERPRINT", 0),   # rank 0 trains the toy's base alone
              ("synth", run_dir / "synth" / "FINGERPRINT", 1),
-             ("train", run_dir / "train" / "zeta=1.1" / "metrics.jsonl", 1),
+             ("train", run_dir / "train" / "zeta_1.1" / "metrics.jsonl", 1),
              ("sweep", run_dir / "sweep" / "results.jsonl", 0)]
     for stage, marker, rank in stops:
         codes, logs = stop_in(run_dir, tmp_path, marker, rank)
@@ -68,10 +68,10 @@ def test_sigterm_to_one_rank_in_each_stage_stops_all_and_resumes_to_the_same_out
     run_to_end(run_dir, tmp_path)
     # theta_s bit-identical; the synthetic set, the sweep's points and its choice equal
     for step in (6, 40):
-        name = f"train/zeta=1.1/theta_s-step{step:06d}.safetensors"
+        name = f"train/zeta_1.1/theta_s-step{step:06d}.safetensors"
         a, b = load_file(run_dir / name), load_file(reference / name)
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
-    for got, want in zip(shard_columns(run_dir / "synth" / "zeta=1.1"), shard_columns(reference / "synth" / "zeta=1.1"),
+    for got, want in zip(shard_columns(run_dir / "synth" / "zeta_1.1"), shard_columns(reference / "synth" / "zeta_1.1"),
                          strict=True):
         assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
     rows = [json.loads(ln) for ln in (run_dir / "sweep" / "results.jsonl").read_text().splitlines()]
@@ -80,7 +80,7 @@ def test_sigterm_to_one_rank_in_each_stage_stops_all_and_resumes_to_the_same_out
     assert json.loads((run_dir / "sweep" / "summary.json").read_text()) == \
         json.loads((reference / "sweep" / "summary.json").read_text())
     # the train metrics read like an uninterrupted run's: every logged step once
-    steps = [json.loads(ln)["step"] for ln in (run_dir / "train" / "zeta=1.1" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(ln)["step"] for ln in (run_dir / "train" / "zeta_1.1" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 40
 
 

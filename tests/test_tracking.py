@@ -7,6 +7,7 @@ import pytest
 
 from neon_scale.config import RunConfig
 from neon_scale.errors import NeonError
+from neon_scale.stages.common import sampler_tag
 from neon_scale.tracking import WANDB_MISSING, open_tracker, tb_dir, wandb_available
 
 from .conftest import TOY, neon, small_overrides
@@ -183,7 +184,7 @@ def test_sweep_curve_equals_results(toy_run):
     scalars = assert_sweep_curve(toy_run)
     summary = json.loads((toy_run / "sweep" / "summary.json").read_text())
     for s in summary:
-        group = f"summary/{','.join(f'{k}={v}' for k, v in s['sampler'].items())}"
+        group = f"summary/{sampler_tag(s['sampler'])}"
         assert dict(scalars[f"{group}/best_w"])[s["steps"]] == pytest.approx(s["best_w"])
         assert dict(scalars[f"{group}/best_fd"])[s["steps"]] == pytest.approx(s["best_metric"], rel=1e-6)
         assert dict(scalars[f"{group}/fd_w0"])[s["steps"]] == pytest.approx(s["metric_w0"], rel=1e-6)
@@ -209,7 +210,7 @@ def test_resumed_sweep_draws_the_whole_curve_once(toy_run, tmp_path):
 
 @pytest.mark.slow  # needs the whole small toy run
 def test_train_loss_curve_equals_metrics(toy_run):
-    for sampler in ("zeta=1.1", "zeta=0.9"):
+    for sampler in ("zeta_1.1", "zeta_0.9"):
         rows = [json.loads(line) for line in (toy_run / "train" / sampler / "metrics.jsonl").read_text().splitlines()]
         scalars, _ = read_events(toy_run / "tb" / "train" / sampler)
         assert dict(scalars["train/loss"]) == pytest.approx({r["step"]: r["loss"] for r in rows}, rel=1e-6)

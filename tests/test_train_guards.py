@@ -17,8 +17,8 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(run_dir):
     assert neon("run", "--stage", "base", "--stage", "synth", *args).returncode == 0
     # An absurd learning rate blows the weights up within a few steps.
     proc = neon("train", *args, "--set", "train.lr=1e30", "--set", "train.ckpt_every_images=1", "--set", "train.save_steps=[40]")
-    assert_one_line_error(proc, "train zeta=1.1: non-finite loss at step", "last good checkpoint kept in", exit_code=2)
-    ckpt = run_dir / "train" / "zeta=1.1" / "ckpt"
+    assert_one_line_error(proc, "train zeta_1.1: non-finite loss at step", "last good checkpoint kept in", exit_code=2)
+    ckpt = run_dir / "train" / "zeta_1.1" / "ckpt"
     tag = (ckpt / "latest").read_text().strip()
     bad_step = int(proc.stderr.split("non-finite loss at step ")[1].split(";")[0])
     assert tag == f"step{bad_step - 1:06d}" and (ckpt / tag).is_dir()
@@ -41,7 +41,7 @@ def test_global_batch_not_divisible_by_the_world_size(run_dir):
 def test_corrupt_shard_stops_train_naming_it_or_is_skipped_and_counted(run_dir):
     args = ["--config", str(TOY), "--run-dir", str(run_dir), *small_overrides("synth.samplers=[{zeta: 1.1}]")]
     assert neon("run", "--stage", "base", "--stage", "synth", *args).returncode == 0
-    shard = run_dir / "synth" / "zeta=1.1" / "shard-000002.tar"
+    shard = run_dir / "synth" / "zeta_1.1" / "shard-000002.tar"
     raw = shard.read_bytes()
     shard.write_bytes(raw[: len(raw) // 2 + 7])
     proc = neon("train", *args)
@@ -49,9 +49,9 @@ def test_corrupt_shard_stops_train_naming_it_or_is_skipped_and_counted(run_dir):
     assert not list((run_dir / "train").rglob("theta_s-*.safetensors"))
     proc = neon("train", *args, "--set", "train.skip_bad=true")
     assert proc.returncode == 0, proc.stderr
-    done = json.loads((run_dir / "train" / "zeta=1.1" / "done.json").read_text())
+    done = json.loads((run_dir / "train" / "zeta_1.1" / "done.json").read_text())
     assert done["bad_records"] > 0
-    assert json.loads((run_dir / "train" / "zeta=1.1" / "metrics.jsonl").read_text().splitlines()[-1])["bad_records"] > 0
+    assert json.loads((run_dir / "train" / "zeta_1.1" / "metrics.jsonl").read_text().splitlines()[-1])["bad_records"] > 0
 
 
 @pytest.mark.slow  # trains the toy (base and synth first, or 2 ranks)
@@ -60,7 +60,7 @@ def test_a_save_cut_short_is_never_resumed_from(run_dir):
     args = ["--config", str(TOY), "--run-dir", str(run_dir),
             *small_overrides("synth.samplers=[{zeta: 1.1}]", "train.save_steps=[12]", "train.keep_last=3")]
     assert neon("run", "--stage", "base", "--stage", "synth", "--stage", "train", *args).returncode == 0
-    out = run_dir / "train" / "zeta=1.1"
+    out = run_dir / "train" / "zeta_1.1"
     ckpt, theta = out / "ckpt", out / "theta_s-step000012.safetensors"
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step000006", "step000009", "step000012"]
     reference = load_file(str(theta))
@@ -97,7 +97,7 @@ def test_non_finite_gradient_norm_with_a_finite_loss_stops_the_run(run_dir):
     weights["net.9.weight"] = weights["net.9.weight"] * 1e17
     save_file(weights, str(base))
     proc = neon("train", *args)
-    assert_one_line_error(proc, "train zeta=1.1: non-finite gradient norm at step 1;", "last good checkpoint kept in",
+    assert_one_line_error(proc, "train zeta_1.1: non-finite gradient norm at step 1;", "last good checkpoint kept in",
                           exit_code=2)
     assert not list((run_dir / "train").rglob("theta_s-*.safetensors"))
-    assert not (run_dir / "train" / "zeta=1.1" / "ckpt" / "latest").exists()
+    assert not (run_dir / "train" / "zeta_1.1" / "ckpt" / "latest").exists()

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # whole runs on 2 ranks: `pytest -m 'not slow'` s
 STEPS = 60
 TRAIN = ["synth.samplers=[{zeta: 1.1}]", f"train.save_steps=[{STEPS}]", "train.lr=3e-3", "train.log_every=1",
          "train.ckpt_every_images=2000", "train.keep_last=2", "train.ema_decay=0.9"]
-TAG = "zeta=1.1"
+TAG = "zeta_1.1"
 
 
 @pytest.fixture(scope="module")

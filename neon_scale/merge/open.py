@@ -12,12 +12,18 @@ from .writer import shard_file_names
 from .zero import ZeroCheckpointSource, is_zero_checkpoint
 
 
-def open_source(path: str | os.PathLike, *, tag: str | None = None, key: str | None = None) -> TensorSource:
+def open_source(path: str | os.PathLike, *, tag: str | None = None, key: str | None = None,
+                ema: bool = False) -> TensorSource:
+    """`ema`: a DeepSpeed checkpoint directory's EMA partitions (train/ema.py) instead of its fp32
+    master weights; any other source is one line (its weights are what the file holds)."""
     p = pathlib.Path(path)
     if not p.exists():
         raise NeonError(f"{p}: no such file or directory")
     if not os.access(p, os.R_OK):
         raise NeonError(f"{p}: permission denied")
+    if ema and not (p.is_dir() and is_zero_checkpoint(p, tag)):
+        raise NeonError(f"{p}: --ema reads a DeepSpeed checkpoint directory's EMA partitions; this is not one "
+                        f"(its weights are whatever it holds)")
     if p.is_dir():
         if (p / INDEX_NAME).is_file():
             return SafetensorsSource(p)
@@ -25,7 +31,7 @@ def open_source(path: str | os.PathLike, *, tag: str | None = None, key: str | N
         if single.is_file():
             return SafetensorsSource(single)
         if is_zero_checkpoint(p, tag):
-            return ZeroCheckpointSource(p, tag)
+            return ZeroCheckpointSource(p, tag, ema=ema)
         raise NeonError(f"{p}: neither a safetensors directory ({INDEX_NAME} or {shard_file_names(1)[0]}) nor a DeepSpeed checkpoint ('latest' or --tag)")
     if p.suffix == ".safetensors":
         return SafetensorsSource(p)

@@ -27,14 +27,14 @@ from .backbones import METRIC_NAMES, check_name, load_backbone
 from .features import FeatureStats, extract
 from .fid import check_same_dim, frechet_distance, read_stats, write_stats
 from .inputs import npz_keys, open_source
-from .scores import inception_score, kernel_inception_distance, precision_recall
+from .scores import PR_NEIGHBOURS, inception_score, kernel_inception_distance, precision_recall
 
 METRICS = ("fid", "isc", "kid", "prc")
 SCORES = ("is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall")  # besides the Frechet distance
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
-def calculate(input1: str, input2: str | None = None, *, weights: str, ref: str | None = None,
+def calculate(input1: str, input2: str | None = None, *, weights: str | None = None, ref: str | None = None,
               features: str = "inception", metrics: str | Sequence[str] | None = None,
               save_stats: str | None = None, json_path: str | None = None, batch_size: int = 64,
               workers: int = DEFAULT_WORKERS, skip_bad: bool = False, kid_subset_size: int = 1000,
@@ -42,12 +42,17 @@ def calculate(input1: str, input2: str | None = None, *, weights: str, ref: str 
     """The metrics of input1 (against input2 or the statistics file `ref`), as `neon fid` computes them.
 
     `metrics`: a comma list or names of fid, isc, kid, prc (default: fid with a second input, else
-    isc). Writes `save_stats` (input1's mu/sigma, ADM format) and `json_path` (the results) on
-    rank 0, and logs one line. Returns the results: complete on rank 0 (the JSON's content)."""
+    isc). `weights`: the backbone's file, needed unless both inputs are statistics files. Writes
+    `save_stats` (input1's mu/sigma, ADM format) and `json_path` (the results) on rank 0, and logs
+    one line. Returns the results: complete on rank 0 (the JSON's content)."""
     wanted = choose_metrics(metrics, features, input2, ref, batch_size, workers)
     inputs = resolve_inputs(input1, input2, ref, wanted)
     paths = {"input1": input1, "input2": input2 or ref}
-    _check_options(inputs, input1, wanted, save_stats, kid_subset_size)
+    _check_options(inputs, paths, wanted, save_stats, kid_subset_size, kid_subsets)
+    if any(kind == "images" for kind, _ in inputs.values()) and not weights:
+        images = " and ".join(paths[r] for r, (kind, _) in inputs.items() if kind == "images")
+        raise NeonError(f"--weights: the {features} weights file is needed to extract the features of {images} "
+                        f"(only two statistics files need none)")
     if "RANK" in os.environ or "WORLD_SIZE" in os.environ:  # under a launcher: checked and joined
         dist.init()
     device = torch.device(device) if device else None
@@ -99,12 +104,25 @@ def choose_metrics(metrics: str | Sequence[str] | None, features: str, input2: s
     return wanted
 
 
-def _check_options(inputs: dict, input1: str, wanted: list[str], save_stats: str | None,
-                   kid_subset_size: int) -> None:
+def _check_options(inputs: dict, paths: dict, wanted: list[str], save_stats: str | None,
+                   kid_subset_size: int, kid_subsets: int) -> None:
+    """What can be checked before any image is decoded: KID and PR against the inputs' image counts."""
     if save_stats and inputs["input1"][0] == "stats":
-        raise NeonError(f"--save-stats: {input1} already is a statistics file")
-    if "kid" in wanted and kid_subset_size < 2:
-        raise NeonError(f"--kid-subset-size must be >= 2, got {kid_subset_size}")
+        raise NeonError(f"--save-stats: {paths['input1']} already is a statistics file")
+    counts = {role: len(value) for role, (kind, value) in inputs.items() if kind == "images"}
+    if "kid" in wanted:
+        if kid_subset_size < 2 or kid_subsets < 1:
+            raise NeonError(f"--kid-subset-size must be >= 2 and --kid-subsets >= 1, got {kid_subset_size}, "
+                            f"{kid_subsets}")
+        fewest = min(counts, key=counts.get)
+        if kid_subset_size > counts[fewest]:
+            raise NeonError(f"--kid-subset-size {kid_subset_size} exceeds the {counts[fewest]} images of "
+                            f"{paths[fewest]}; give at most {counts[fewest]}; nothing computed")
+    if "prc" in wanted:
+        few = [f"{paths[r]} has {n}" for r, n in counts.items() if n <= PR_NEIGHBOURS]
+        if few:
+            raise NeonError(f"--metrics prc: precision/recall needs more than {PR_NEIGHBOURS} images per input "
+                            f"({', '.join(few)}); nothing computed")
 
 
 def _check_dims(inputs: dict, paths: dict, extractor: Backbone | None) -> None:
@@ -216,7 +234,8 @@ def _add_counts(results: dict, stats: dict, paths: dict, elapsed: float, seconds
     results["n"] = {role: s["n"] for role, s in stats.items()}
     results["inputs"] = {role: paths[role] for role in stats}
     images = sum(s["n"] or 0 for s in stats.values())
-    results["images_per_s"] = images / max(elapsed, 1e-9)
+    if images:  # two statistics files: nothing extracted, no throughput to report
+        results["images_per_s"] = images / max(elapsed, 1e-9)
     results["ranks"] = dist.world()
     results["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
 
@@ -236,4 +255,6 @@ def _log_summary(results: dict, fd_name: str) -> None:
     shown = [f"{k} {results[k]:.6g}" for k in (fd_name, "is_mean", "kid_mean", "precision", "recall")
              if k in results]
     counts = ", ".join(f"n={v}" for v in results["n"].values() if v is not None)
-    log(" | ".join(shown) + f" ({counts}; {results['images_per_s']:.1f} img/s on {dist.world()} rank(s))")
+    speed = f"{results['images_per_s']:.1f} img/s on {dist.world()} rank(s)" if "images_per_s" in results else ""
+    details = "; ".join(filter(None, (counts, speed)))
+    log(" | ".join(shown) + (f" ({details})" if details else " (two statistics files)"))

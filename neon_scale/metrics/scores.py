@@ -16,6 +16,7 @@ from torch_fidelity.metric_prc import calculate_precision_recall_part
 from ..errors import NeonError
 
 SEED = 2020  # torch-fidelity's rng_seed, used for the IS shuffle and the KID subsets
+PR_NEIGHBOURS = 3  # torch-fidelity's prc_neighborhood: the k of the k-NN balls
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
@@ -44,7 +45,7 @@ def kernel_inception_distance(feats1: torch.Tensor, feats2: torch.Tensor, subset
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
 
 
-def precision_recall(feats_gen: torch.Tensor, feats_real: torch.Tensor, k: int = 3) -> tuple[float, float]:
+def precision_recall(feats_gen: torch.Tensor, feats_real: torch.Tensor, k: int = PR_NEIGHBOURS) -> tuple[float, float]:
     if min(len(feats_gen), len(feats_real)) <= k:
         raise NeonError(f"precision/recall needs more than {k} images per input")
     return calculate_precision_recall_part(feats_gen.float(), feats_real.float(), neighborhood=k, batch_size=10000)

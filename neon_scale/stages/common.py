@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -38,7 +39,23 @@ def _hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+_TAG_SAFE = re.compile(r"[A-Za-z0-9.+-]")
+
+
 def sampler_tag(settings: dict) -> str:
+    """A sampler setting's folder name, usable unquoted in any shell: `key_value` pairs joined by
+    `__` (`{cfg: 2.3, num_steps: 4}` -> `cfg_2.3__num_steps_4`; `{}` -> `default`). A value's
+    characters outside [A-Za-z0-9.+-] (`_` included) are written %XX, so a name splits back at the
+    `__` and then at its last `_`."""
+    def value(v) -> str:
+        return "".join(c if _TAG_SAFE.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode()) for c in str(v))
+
+    return "__".join(f"{k}_{value(v)}" for k, v in settings.items()) or "default"
+
+
+def legacy_sampler_tag(settings: dict) -> str:
+    """The name version 0.1.0 gave (`cfg=2.3,num_steps=4`): its run directories are still read, and
+    synth keeps it as the key of S's random stream, so S does not change with the folder name."""
     return ",".join(f"{k}={v}" for k, v in settings.items()) or "default"
 
 
@@ -93,18 +110,26 @@ class RunContext:
         return self.run_dir / "base" / "model.safetensors"
 
     def synth_dir(self, settings: dict) -> pathlib.Path:
-        return self.run_dir / "synth" / sampler_tag(settings)
+        return self._sampler_dir("synth", settings)
 
     def train_dir(self, settings: dict) -> pathlib.Path:
-        return self.run_dir / "train" / sampler_tag(settings)
+        return self._sampler_dir("train", settings)
+
+    def _sampler_dir(self, stage: str, settings: dict) -> pathlib.Path:
+        """`<run>/<stage>/<sampler_tag>`; a run directory made by version 0.1.0 keeps its folder
+        (`legacy_sampler_tag`) when the new one is not there, so it resumes where it stopped."""
+        new = self.run_dir / stage / sampler_tag(settings)
+        old = self.run_dir / stage / legacy_sampler_tag(settings)
+        return old if old.is_dir() and not new.exists() else new
 
     def checkpoints(self) -> list[dict]:
         """Every fine-tuned theta_s the sweep evaluates: one per (sampler setting, save step)."""
         out = []
         for settings in self.cfg.synth.samplers:
             for step in sorted(self.cfg.train.save_steps):
-                out.append({"name": f"{sampler_tag(settings)}/step-{step}", "sampler": dict(settings), "steps": step,
-                            "path": self.train_dir(settings) / f"theta_s-step{step:06d}.safetensors"})
+                folder = self.train_dir(settings)  # its name: an older run's cached sweep points keep theirs
+                out.append({"name": f"{folder.name}/step-{step}", "sampler": dict(settings), "steps": step,
+                            "path": folder / f"theta_s-step{step:06d}.safetensors"})
         return out
 
 

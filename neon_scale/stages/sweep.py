@@ -8,8 +8,9 @@ a killed sweep resume where it stopped; the features of a checkpoint's samples s
 sweep/features/ until the checkpoint is done (a race's larger n reuses them). w = 0 is the base
 model: evaluated once per n and shared by all checkpoints. Outputs: results.jsonl, summary.json
 (per checkpoint: w = 0 and the best point at the same n with standard errors and the paired
-difference, the samples drawn, a race's rounds), fid_vs_w.png (bands of +-1 standard error), and
-for image models samples.png (a row per class at w = 0 and at each checkpoint's best w, same noise).
+difference, the samples drawn, a race's rounds), best/ (the merged model of the overall best point,
+with its provenance: the entry naming it has `best_model`), fid_vs_w.png (bands of +-1 standard
+error), and for image models samples.png (a row per class at w = 0 and at each checkpoint's best w, same noise).
 
 Curves (rank 0, neon_scale.tracking, `<run>/tb/sweep`): every evaluated point of the selection
 under `<checkpoint>/<metric>` (`.../g=<guidance>` with a guidance sweep) at step round(w x 1000),
@@ -26,21 +27,28 @@ from __future__ import annotations
 import functools
 import json
 import math
+import pathlib
+import shlex
 import shutil
 import textwrap
+import time
 
 import torch
+from rich.markup import escape
 from rich.table import Table
 
 from .. import dist, rng
 from ..console import console, log, progress
 from ..io import atomic_path, load_state_dict, write_json, write_text
 from ..merge.inplace import Extrapolator, module_slots
+from ..merge.merge_files import input_provenance, merge_checkpoints
+from ..merge.open import open_source
 from ..metrics.backbones import METRIC_NAMES, load_backbone
 from ..metrics.uncertainty import paired_se
 from ..selection import race, search
 from ..tracking import Tracker, open_tracker
-from .evaluate import Estimate, FeatureStore, SampleMetric, evaluate
+from .evaluate import Estimate, FeatureStore, SampleMetric, _chunk_counts, evaluate
+from .plan import duration, new_samples, sweep_images, sweep_points
 from . import metric as metric_stage
 from .common import RunContext, StageDir, sampler_tag
 
@@ -96,7 +104,7 @@ def _plot(summary: list[dict], store: PointStore, path, metric_name: str, tracke
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5.2))
     for s in summary:
         # per w: the best over guidance, each point at the largest n it reached (a race's dropped
         # points at a small n, with wide bands); repeats (own seeds) and final_n (larger n) are not on it
@@ -108,17 +116,24 @@ def _plot(summary: list[dict], store: PointStore, path, metric_name: str, tracke
         ws = sorted(by_w)
         ys = [by_w[w][1] for w in ws]
         ses = [by_w[w][2] if by_w[w][2] is not None else 0.0 for w in ws]
-        line, = ax.plot(ws, ys, marker="o", ms=3, label=s["checkpoint"])
+        line, = ax.plot(ws, ys, marker="o", ms=3, label=f"{s['checkpoint']}: {_chosen(s)}")
         ax.fill_between(ws, [y - e for y, e in zip(ys, ses)], [y + e for y, e in zip(ys, ses)],
                         color=line.get_color(), alpha=0.2, lw=0)
         ax.plot([s["best_w"]], [s["best_metric"]], marker="*", ms=12, color=line.get_color(), mec="black", mew=0.5)
+    if summary:  # the overall best point, named where it is
+        top = min(summary, key=lambda s: s["best_metric"])
+        ax.annotate(f"best: {top['checkpoint']}\n{_chosen(top)}", (top["best_w"], top["best_metric"]),
+                    xytext=(14, 22), textcoords="offset points", fontsize=7, arrowprops={"arrowstyle": "->", "lw": 0.6},
+                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "gray", "alpha": 0.85})
     ax.set_yscale("log")
     ax.set_xlabel("w  (theta_neon = theta_r + w (theta_r - theta_s))")
-    ax.set_ylabel(f"{metric_name} (best over guidance; lower is better)")
-    ax.set_title(f"Neon sweep: {metric_name} vs w per fine-tune checkpoint (star: chosen point; band: ± 1 "
-                 f"standard error)", fontsize=9)
+    ax.set_ylabel(f"{_metric_label(metric_name)}\nbest over guidance; log scale, lower is better", fontsize=8)
+    modes = "/".join(sorted({str(s.get("mode", "")) for s in summary} - {""}))
+    ns = ", ".join(f"{n:,}" for n in sorted({s["n"] for s in summary}))
+    ax.set_title(f"{path.parent.parent.name}: Neon sweep, {metric_name} vs w per fine-tune checkpoint ({modes}, "
+                 f"n = {ns} samples)\nstar: each checkpoint's chosen point; band: ± 1 standard error", fontsize=9)
     ax.axvline(0.0, color="gray", lw=0.5)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, title=f"checkpoint: chosen point, {metric_name}", title_fontsize=7)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -163,6 +178,26 @@ def _pm(value: float, se: float | None) -> str:
     return f"{value:.4g}" if se is None or not math.isfinite(se) else f"{value:.4g} ± {se:.2g}"
 
 
+# What each metric measures (the plot's y axis, the summary's title): METRIC_NAMES' and the toy's
+_METRIC_LABELS = {"fid": "FID (Inception features)", "fd_dinov2": "FD (DINOv2 features)",
+                  "fd_classifier": "FD (classifier features)",
+                  "fd": "FD (Frechet distance of the raw samples to the true Gaussian)"}
+
+
+def _metric_label(metric_name: str) -> str:
+    return _METRIC_LABELS.get(metric_name, metric_name)
+
+
+def _point(w: float, g) -> str:
+    """A sweep point as the tables write it: 'w' or 'w (g guidance)'."""
+    return str(w) if g is None else f"{w} (g {g})"
+
+
+def _chosen(s: dict) -> str:
+    """A summary entry's chosen point and its metric: 'w = 0.35 (g 2.5): 1.31 ± 0.01'."""
+    return f"w = {_point(s['best_w'], s.get('best_guidance'))}: {_pm(s['best_metric'], s.get('best_se'))}"
+
+
 def print_summary(summary: list[dict], metric_name: str) -> None:
     """The console table: each checkpoint's w = 0 and best point, value ± standard error (jackknife
     over the point's samples; with sweep.repeats, over the repeat seeds), the difference and how
@@ -172,14 +207,11 @@ def print_summary(summary: list[dict], metric_name: str) -> None:
     repeats = all("repeats" in s for s in summary) and summary
     how = (f"± standard error over {summary[0]['repeats']['seeds']} evaluation seeds" if repeats
            else "± jackknife standard error")
-    table = Table(title=f"Neon sweep ({metric_name}, lower is better; {how})")
+    table = Table(title=f"Neon sweep ({_metric_label(metric_name)}, lower is better; {how})")
     cols = ["checkpoint", "w=0", "best w", f"{metric_name} @ w=0", f"best {metric_name}", "ratio", "difference", "z",
             "n", "images"]
-    for col in cols:
-        table.add_column(col, justify="left" if col == "checkpoint" else "right")
-
-    def point(w, g):
-        return str(w) if g is None else f"{w} (g {g})"
+    for col in cols:  # fold: in a narrow terminal a long cell (a checkpoint's name) wraps, never cut to '…'
+        table.add_column(col, justify="left" if col == "checkpoint" else "right", overflow="fold")
 
     for s in summary:
         if repeats:
@@ -191,8 +223,9 @@ def print_summary(summary: list[dict], metric_name: str) -> None:
             diff = s.get("diff") or {"mean": s["best_metric"] - s["metric_w0"], "se": None}
             ratio, d = s["best_metric"] / s["metric_w0"], _pm(diff["mean"], diff["se"])
         z = f"{diff['mean'] / diff['se']:+.1f}" if diff["se"] else "-"
-        table.add_row(s["checkpoint"], point(0.0, s.get("guidance_w0")), point(s["best_w"], s.get("best_guidance")),
-                      m0, mb, f"{ratio:.3f}", d, z, str(s["n"]), str(s.get("images", "-")))
+        table.add_row(escape(s["checkpoint"]), _point(0.0, s.get("guidance_w0")),
+                      _point(s["best_w"], s.get("best_guidance")), m0, mb, f"{ratio:.3f}", d, z, str(s["n"]),
+                      str(s.get("images", "-")))
     console.print(table)
 
 
@@ -269,12 +302,59 @@ def _sweep(ctx: RunContext, stage: StageDir, metric_name: str, tracker: Tracker)
             summary.append(entry)
             _summary_scalars(tracker, entry, metric_name)
             bar.update(info=f"{ckpt['name']}: best w {entry['best_w']} ({entry['best_metric']:.4f})")
+    # ------------------------------------------------------------------ The best model
+    if dist.is_main():
+        _write_best(ctx, stage, summary, checkpoints, metric_name)
     # ------------------------------------------------------------------ Report
     _write_report(ctx, stage, summary, store, pictures, metric_name, tracker)
     if dist.is_main():
         shutil.rmtree(features.root, ignore_errors=True)  # results.jsonl keeps every point's metric and replicates
     stage.mark_done()
     print_summary(summary, metric_name)
+
+
+BEST = "best"  # sweep/best/: the merged model of the overall best point
+
+
+def overall_best(summary: list[dict]) -> tuple[dict, str]:
+    """The entry of the overall best checkpoint and what it was compared by: final_metric when
+    every entry has one (the same final_n), else best_metric when every entry is at the same n,
+    else (a race stops at different n) the paired difference to w = 0 at each entry's own n: FD's
+    bias at small n is large, but shared by both points of a difference."""
+    if all("final_metric" in e for e in summary):
+        return min(summary, key=lambda e: e["final_metric"]), "final_metric"
+    if len({e["n"] for e in summary}) == 1:
+        return min(summary, key=lambda e: e["best_metric"]), "best_metric"
+    return min(summary, key=lambda e: e["diff"]["mean"]), "diff"
+
+
+def _write_best(ctx: RunContext, stage: StageDir, summary: list[dict], checkpoints: list[dict],
+                metric_name: str) -> None:
+    """sweep/best/: theta_r + w (theta_r - theta_s) of the overall best point, merged from the files
+    the sweep scored (base/model.safetensors and the exported theta_s: the EMA when train.ema_decay
+    > 0), with its provenance; the entry gains `best_model`: its folder and the command that remakes it,
+    both relative to the run directory."""
+    entry, compared_by = overall_best(summary)
+    ckpt = next(c for c in checkpoints if c["name"] == entry["checkpoint"])
+    out = stage.path / BEST
+    sw = ctx.cfg.sweep
+    provenance = {"run_dir": str(ctx.run_dir.resolve()), "config_fingerprint": ctx.fingerprint("sweep"),
+                  "checkpoint": entry["checkpoint"], "theta_s_step": entry["steps"], "sampler": entry["sampler"],
+                  "metric": metric_name, "value": entry["best_metric"], "se": entry["best_se"], "n": entry["n"],
+                  "selection": sw.mode, "compared_by": compared_by}
+    if sw.guidance_key is not None:
+        provenance["guidance"] = {sw.guidance_key: entry.get("best_guidance")}
+    if "final_metric" in entry:
+        provenance.update(final_n=entry["final_n"], final_value=entry["final_metric"], final_se=entry["final_se"])
+    with open_source(ctx.base_weights()) as base, open_source(ckpt["path"]) as theta_s:
+        record = {**input_provenance(ctx.base_weights(), ckpt["path"]), **provenance}
+        merge_checkpoints(base, theta_s, [entry["best_w"]], out, overwrite=True, provenance=record)
+    # paths relative to the run directory (summary.json stays valid when the run is moved or copied)
+    home = ctx.run_dir.resolve()
+    rel = [str(pathlib.Path(x).resolve().relative_to(home)) for x in (ctx.base_weights(), ckpt["path"], out)]
+    command = shlex.join(["neon", "merge", rel[0], rel[1], "--w", f"{entry['best_w']:g}", "-o", rel[2], "--overwrite"])
+    entry["best_model"] = {"path": rel[2], "compared_by": compared_by, "command": f"cd RUN_DIR && {command}"}
+    log(f"sweep: best model (w = {entry['best_w']:g} on {entry['checkpoint']}) -> {out}")
 
 
 def _sample_metric(ctx: RunContext) -> SampleMetric:
@@ -317,8 +397,12 @@ class _Points:
         if est is None:
             extrapolator.set_w(w)
             ev = cfg.eval
+            begun = self.lines.begin(row)
             est = evaluate(self.sample_metric, self.model, self.ctx.spec.parse_sampler(eval_sampler), n,
                            ev.seed if seed is None else seed, ev.chunk, self.features, PointStore.point_id(row))
+            self.lines.end(row, est, begun)
+        else:
+            self.lines.meet(row)  # read from results.jsonl: no line, counted as done
         self.store.add({**row, "eval_sampler": eval_sampler, "metric_name": self.metric_name, "metric": est.metric,
                         "se": est.se, "replicates": None if est.replicates is None else list(est.replicates)})
         if n == cfg.eval.n and seed is None:  # the selection's points only
@@ -327,6 +411,10 @@ class _Points:
 
     def metric(self, ckpt: dict, extrapolator: Extrapolator, w: float, g, n: int, seed: int | None = None) -> float:
         return self.estimate(ckpt, extrapolator, w, g, n, seed).metric
+
+    @functools.cached_property
+    def lines(self) -> _PointLines:
+        return _PointLines(self.ctx, self.features, self.metric_name)
 
     def forget(self, ckpt: dict) -> None:
         """Drop the features of a finished checkpoint's points (w = 0, shared, stays until the end)."""
@@ -340,6 +428,77 @@ class _Points:
         if point not in self.drawn:
             self.drawn.add(point)
             _curve_point(self.tracker, {**row, "metric": metric}, self.metric_name)
+
+
+class _PointLines:
+    """Rank 0's line per evaluated point: checkpoint, w, guidance, n, the metric ± its standard error,
+    the images/s of that evaluation, and an eta over the images the plan (stages/plan.py) says the
+    sweep samples: exact for grid (which also numbers the selection's points, 'point k/K'), the plan's
+    range for early_stop and race ('point k', 'evaluation k' of a race: a point at each n; the eta a
+    range). Points read from results.jsonl (a resumed sweep) print nothing: they count as done."""
+
+    def __init__(self, ctx: RunContext, features: FeatureStore, metric_name: str):
+        cfg, checkpoints = ctx.cfg, len(ctx.checkpoints())
+        pts = sweep_points(cfg)
+        self.cfg, self.features, self.metric_name = cfg, features, metric_name
+        self.planned = sweep_images(cfg, pts, checkpoints)
+        self.total = pts.w0 + checkpoints * (pts.grid - pts.w0) if pts.mode == "grid" else None
+        self.rounds = set(pts.rounds)  # a race's n per round
+        self.met: set[tuple] = set()  # eval keys met (read or evaluated)
+        self.have: dict[str, int] = {}  # point id -> the largest n met (its chunks are reused)
+        self.points = 0  # the selection's points met
+        self.done = 0  # the planned images of the points met (counted as sweep_images counts them)
+        self.sampled, self.seconds = 0, 0.0  # images this process sampled, and the time their evaluations took
+
+    def meet(self, row: dict) -> str:
+        """Count a point met for the first time; its label: 'point k[/K]', 'final_n' or 'repeat'."""
+        key = PointStore.eval_key(row)
+        if key in self.met:
+            return "again"
+        self.met.add(key)
+        point, n, sw = PointStore.point_id(row), row["n"], self.cfg.sweep
+        self.done += new_samples(self.have.get(point, 0), n, self.cfg.eval.chunk)
+        self.have[point] = max(self.have.get(point, 0), n)
+        if "seed" in row:
+            return "repeat"
+        if sw.final_n and n == sw.final_n and n != self.cfg.eval.n and n not in self.rounds:
+            return "final_n"
+        self.points += 1  # a race's point at each of its n
+        noun = "evaluation" if self.rounds else "point"
+        return f"{noun} {self.points}" + (f"/{self.total}" if self.total else "")
+
+    def begin(self, row: dict) -> tuple[int, float] | None:
+        """Before an evaluation (rank 0; None elsewhere): the images it samples (its chunks not in the
+        feature store) and the time."""
+        if not dist.is_main():
+            return None
+        point = PointStore.point_id(row)
+        counts = _chunk_counts(row["n"], self.cfg.eval.chunk)
+        return sum(c for i, c in enumerate(counts) if not self.features.has(point, i, c)), time.perf_counter()
+
+    def end(self, row: dict, est: Estimate, begun: tuple[int, float] | None) -> None:
+        if begun is None:
+            return
+        new, start = begun
+        seconds = time.perf_counter() - start
+        label = self.meet(row)
+        self.sampled, self.seconds = self.sampled + new, self.seconds + seconds
+        where = f"w={row['w']:g}" + (f" {self.cfg.sweep.guidance_key}={row['guidance']}" if "guidance" in row else "")
+        rate = new / max(seconds, 1e-9)
+        speed = (f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}") + " images/s" if new else "samples reused"
+        log(escape(f"sweep: {row['checkpoint']} {where} n={row['n']}: {self.metric_name} {_pm(est.metric, est.se)} "
+                   f"({speed}, {duration(seconds)}); {label}{self._eta()}"))
+
+    def _eta(self) -> str:
+        """', eta 3.1 h' over the planned images left at this process's images/s ('eta 1 h to 4 h': the
+        plan's range); nothing before a rate is known or past the plan's count."""
+        if not self.sampled or self.done > self.planned.high:
+            return ""
+        rate = self.sampled / max(self.seconds, 1e-9)
+        low, high = (max(0, x - self.done) / rate for x in (self.planned.low, self.planned.high))
+        if high - low <= 0.005 * high:
+            return f", eta {duration(high)}"
+        return f", eta up to {duration(high)}" if low == 0 else f", eta {duration(low)} to {duration(high)}"
 
 
 def _select(ctx: RunContext, estimate_at) -> tuple[tuple, Estimate, dict, dict]:

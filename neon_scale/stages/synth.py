@@ -16,7 +16,7 @@ import torch
 from .. import dist, rng, stop
 from ..console import log, progress
 from ..data.shards import shard_name, write_manifest, write_shard
-from .common import RunContext, StageDir, sampler_tag
+from .common import RunContext, StageDir, legacy_sampler_tag
 
 
 def sample_batches(ctx: RunContext, model, count: int, gen: torch.Generator, sampler, batch_size: int, first: int):
@@ -42,8 +42,9 @@ def run(ctx: RunContext) -> None:
     per_shard = math.ceil(cfg.shard_size / cfg.batch_size)  # sampling calls (and stop points) per round
     for settings in cfg.samplers:
         sampler = ctx.spec.parse_sampler(settings)
-        tag = sampler_tag(settings)
         set_dir = ctx.synth_dir(settings)
+        tag = set_dir.name  # sampler_tag, or an older run's folder name
+        stream = legacy_sampler_tag(settings)  # S's random stream: its key predates the folder names
         set_dir.mkdir(parents=True, exist_ok=True)
         record_settings = {"sampler": dataclasses.asdict(sampler), "model": ctx.cfg.model.name}
         rounds = math.ceil(n_shards / world)
@@ -53,7 +54,7 @@ def run(ctx: RunContext) -> None:
                 path = set_dir / shard_name(c)
                 todo = c < n_shards and not path.exists()
                 count = min(cfg.shard_size, cfg.n - c * cfg.shard_size)
-                batches = sample_batches(ctx, model, count, rng.generator(cfg.seed, tag, c), sampler,
+                batches = sample_batches(ctx, model, count, rng.generator(cfg.seed, stream, c), sampler,
                                          cfg.batch_size, c * cfg.shard_size) if todo else ()
                 # a stop point per sampling batch, as many on every rank, with work or without
                 parts = list(stop.turns(batches, per_shard, f"synth {tag} (shard round {r + 1}/{rounds})",

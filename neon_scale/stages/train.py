@@ -30,7 +30,7 @@ from ..train.ema import PartitionEMA
 from ..train.deepspeed_config import micro_batch_size
 from ..train.deepspeed_engine import full_fp32_state_dict, initialize
 from ..tracking import Tracker, open_tracker
-from .common import RunContext, StageDir, sampler_tag
+from .common import RunContext, StageDir
 
 
 def drop_labels(batch: dict[str, torch.Tensor], p: float, null: int, noise) -> dict[str, torch.Tensor]:
@@ -60,7 +60,7 @@ def finetune(ctx: RunContext, settings: dict) -> None:
     """theta_r fine-tuned on the synthetic set of one sampler setting -> theta_s at every save step."""
     out_dir = ctx.train_dir(settings)
     run_trainer(ctx, ctx.cfg.train, lambda: ctx.load_model(ctx.base_weights()).train(), ctx.synth_dir(settings),
-                out_dir, sampler_tag(settings), lambda step: out_dir / f"theta_s-step{step:06d}.safetensors")
+                out_dir, out_dir.name, lambda step: out_dir / f"theta_s-step{step:06d}.safetensors")
 
 
 def run_trainer(ctx: RunContext, cfg: TrainConfig, build: Callable[[], torch.nn.Module], data_dir: pathlib.Path,
