@@ -33,6 +33,14 @@ TRUST_HELP = ("let torch.load unpickle classes outside the allow-list in the fil
               "included): only for files you made yourself; default: refuse, naming the file and the class")
 
 
+STRICT_HELP = ("official files read (DiT/xAR weights, the VAE, Inception / DINOv2 weights): a key the model does "
+               "not have is an error (default: ignored with a warning naming them; config strict_keys: true)")
+
+
+def _add_strict_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
+
+
 def _add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-pickles", action="store_true", help=TRUST_HELP)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -47,6 +55,7 @@ def _add_run_args(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--stage", choices=[s for s in STAGE_HELP if s != "run"], action="append",
                    help="run only this stage (repeatable)" if command == "run" else argparse.SUPPRESS)
     _add_common_args(p)
+    _add_strict_arg(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help="print the plan (as `neon plan`) and run nothing")
     _add_throughput_args(p)
@@ -113,6 +122,7 @@ def _add_fid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda:LOCAL_RANK when available)")
     p.add_argument("--trust-pickles", action="store_true", help="let torch.load unpickle classes outside the "
                                                                 "allow-list in --weights (only for files you made)")
+    _add_strict_arg(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -156,6 +166,7 @@ def _add_diagnose_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, help="rows per forward/backward pass (default: the train section's "
                                                   "global_batch / grad_accum)")
     _add_common_args(p)
+    _add_strict_arg(p)
 
 
 EXPORT_HELP = "our weights -> the official DiT .pt / xAR .pth file (or an official file -> our safetensors)"
@@ -190,6 +201,7 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", help="DeepSpeed checkpoint tag of a checkpoint-dir SRC (default: 'latest')")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _add_common_args(p)
+    _add_strict_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +278,8 @@ def run_command(args: argparse.Namespace) -> None:
     check_user_json(cfg)  # a user's DeepSpeed JSON fails now, not at the train stage
     if cfg.trust_pickles:
         io.trust_pickles()
+    if cfg.strict_keys:
+        io.strict_keys()
     stages = args.stage or ([args.command] if args.command != "run" else None)
     stop.install(cfg.run.stop_signals)  # from here a stop signal ends the run resumably (exit 3)
     dist.init()
@@ -293,6 +307,8 @@ def run_diagnose(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else []))
     if cfg.trust_pickles:
         io.trust_pickles()
+    if cfg.strict_keys:
+        io.strict_keys()
     diagnose(cfg, real=args.real, n=args.n, batches=args.batches, resamples=args.bootstrap, seed=args.seed,
              repeats=args.repeats, micro_batch=args.micro_batch)
 
@@ -325,6 +341,10 @@ def main(argv: list[str] | None = None) -> None:
         from .io import trust_pickles
 
         trust_pickles()
+    if getattr(args, "strict", False):
+        from .io import strict_keys
+
+        strict_keys()
     try:
         if args.command == "merge":
             from .merge.merge_files import merge

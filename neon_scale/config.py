@@ -190,6 +190,9 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     trust_pickles: bool = setting(False, help="let torch.load unpickle any class in files we read (checkpoints on resume "
                                          "included); only for files you made yourself")
+    strict_keys: bool = setting(False, help="official files read (base.weights, the VAE, Inception / DINOv2 weights): "
+                                       "a key the model does not have is an error, not a warning (missing keys "
+                                       "and wrong shapes always are)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,6 +9,11 @@ created them. A full disk is one line naming the file.
 Every PyTorch file is read by `torch_load`: `weights_only=True` with an explicit allow-list of
 classes, so no pickle executes; a file that needs another class is one line naming the file and
 the class. `trust_pickles()` (`--trust-pickles`, config `trust_pickles: true`) lifts it.
+
+Weights go into a model through `load_into` / `check_keys`: a missing key or a wrong shape is an
+error; a key the model does not have is an error in our own files and a warning in official,
+released files (as the official loaders accept them), unless `strict_keys()` (`--strict`, config
+`strict_keys: true`).
 """
 from __future__ import annotations
 
@@ -321,16 +326,53 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
         raise NeonError(f"{path}: cannot read safetensors file ({e})") from None
 
 
-def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with one clear line for missing, unexpected or mis-shaped keys."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+_STRICT_KEYS = False
+STRICT_HINT = "--strict / strict_keys: true"
+
+
+def strict_keys(on: bool = True) -> None:
+    """Refuse official files that carry keys the model does not have (`--strict`, config
+    `strict_keys: true`); by default they load with one warning line (see `check_keys`)."""
+    global _STRICT_KEYS
+    _STRICT_KEYS = on
+
+
+def check_keys(expected: list[str], found: list[str], source: str, official: bool = False) -> list[str]:
+    """Compare a file's keys (`found`, file order) with the model's (`expected`, model order).
+
+    A key the model needs and the file lacks is an error naming the first (and how many). A key the
+    file has and the model does not: for our own files an error; for an official, released file
+    (`official=True`: DiT/xAR weights, kl16.ckpt, the SD VAE, Inception, DINOv2) one warning line
+    with their count and the first names, as the official loaders (MAR's `load_state_dict(...,
+    strict=False)`) accept such files; an error under `strict_keys()`. Returns the extra keys."""
+    want, have = set(expected), set(found)
+    missing = [k for k in expected if k not in have]
     if missing:
         raise NeonError(f"{source}: missing key {name_keys(missing)}")
-    if unexpected:
-        raise NeonError(f"{source}: unexpected key {name_keys(unexpected)}")
+    extra = [k for k in found if k not in want]
+    if extra and not official:
+        raise NeonError(f"{source}: unexpected key {name_keys(extra)}")
+    if extra and _STRICT_KEYS:
+        raise NeonError(f"{source}: unexpected key {name_keys(extra)} the model does not have (refused: {STRICT_HINT}; "
+                        "without it such keys are ignored with a warning)")
+    if extra:
+        names = ", ".join(f"'{k}'" for k in extra[:3]) + (", ..." if len(extra) > 3 else "")
+        log("[yellow]warning:[/] " + escape(f"{source}: ignored {len(extra)} key(s) the model does not have: {names} "
+                                           f"({STRICT_HINT} refuses such files)"))
+    return extra
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+              official: bool = False) -> dict[str, torch.Tensor]:
+    """Load with one clear line for a missing or mis-shaped key; an unexpected key is an error for
+    our own files and, for an official file (`official=True`), a warning unless `strict_keys()`
+    (see `check_keys`). Returns the state dict loaded: `state` without the ignored keys."""
+    own = module.state_dict()
+    extra = set(check_keys(list(own), list(state), source, official))
+    if extra:
+        state = {k: v for k, v in state.items() if k not in extra}
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise NeonError(f"{source}: key '{k}' has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}")
     module.load_state_dict(state, strict=True)
+    return state

@@ -15,13 +15,15 @@ official container, written with torch.save of plain tensors only (the official 
   "model_ema"; without an optimizer it starts at epoch 0).
 - OUT.safetensors (the import direction): an official file (bare, or a training checkpoint: the
   EMA unless `key` says otherwise, as io.pick_state_dict picks) -> our safetensors, as `neon base`
-  stores theta_r.
+  stores theta_r. Keys the network does not have are left out with a warning (an error with
+  --strict), as for every official file read (io.check_keys).
 
 The source is read by merge.open's reader for a path (a .safetensors file, a directory of shards
 with an index or holding one `model.safetensors`, a .pt/.pth file, a
 DeepSpeed checkpoint directory). Before anything is written its keys and shapes must be exactly
 those of the model the shapes describe (sizes inferred from the tensors, the network built on the
-meta device): the first missing or unexpected key, or the first wrong shape, is one line.
+meta device): the first missing or unexpected key (import: a warning), or the first wrong shape, is
+one line.
 """
 from __future__ import annotations
 
@@ -123,9 +125,11 @@ def expected_layout(kind: str, metas: dict[str, TensorMeta], where: str) -> tupl
     return [(k, tuple(v.shape)) for k, v in model.state_dict().items()], args
 
 
-def check_layout(kind: str, metas: dict[str, TensorMeta], where: str) -> tuple[list[str], dict]:
+def check_layout(kind: str, metas: dict[str, TensorMeta], where: str, released: bool = False) -> tuple[list[str], dict]:
     """The keys in the official order when `metas` is exactly a `kind` state dict; otherwise one
-    line naming the first missing key, the first unexpected key, or the first wrong shape."""
+    line naming the first missing key, the first unexpected key, or the first wrong shape. With
+    `released` (an official file being imported) unexpected keys are a warning and left out, unless
+    --strict (io.check_keys)."""
     if kind not in KINDS:
         raise NeonError(f"{where}: unknown model kind {kind!r} (one of {', '.join(KINDS)})")
     layout, args = expected_layout(kind, metas, where)
@@ -133,8 +137,10 @@ def check_layout(kind: str, metas: dict[str, TensorMeta], where: str) -> tuple[l
     for key, _ in layout:
         if key not in metas:
             raise NeonError(f"{where}: missing key '{key}' for a {kind} state dict")
+    if released:
+        io.check_keys(list(expected), list(metas), f"{where} ({kind} state dict)", official=True)
     for key in metas:
-        if key not in expected:
+        if key not in expected and not released:
             raise NeonError(f"{where}: unexpected key '{key}' in a {kind} state dict")
     for key, shape in layout:
         if tuple(metas[key].shape) != shape:
@@ -191,12 +197,12 @@ def _plain(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _read_checked(src: pathlib.Path, kind: str, *, key: str | None, tag: str | None, dtype: str | None,
-                  official: bool) -> tuple[dict[str, torch.Tensor], dict]:
+                  official: bool, released: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     if dtype is not None and dtype not in CAST_DTYPES:
         raise NeonError(f"--dtype {dtype!r}: one of {', '.join(CAST_DTYPES)}")
     with open_source(src, tag=tag, key=key) as source:
         metas = {k: source.meta(k) for k in source.keys()}
-        keys, args = check_layout(kind, metas, str(src))
+        keys, args = check_layout(kind, metas, str(src), released)
         if official and kind == "xar":
             _official_xar_check(args, str(src))
         state = {k: _plain(source.get(k), metas[k].cast(dtype).dtype) for k in keys}
@@ -241,7 +247,7 @@ def import_official(src: str | os.PathLike, out: str | os.PathLike, model_kind: 
         raise NeonError(f"{out}: our weights are .safetensors files")
     with hold_output(out):
         _prepare_out(out, overwrite)
-        state, args = _read_checked(src, model_kind, key=key, tag=tag, dtype=dtype, official=False)
+        state, args = _read_checked(src, model_kind, key=key, tag=tag, dtype=dtype, official=False, released=True)
         io.save_state_dict(out, state, {"model": model_kind})
     return args
 

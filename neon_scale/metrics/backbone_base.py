@@ -3,8 +3,8 @@
 - `Backbone`: the call every backbone has: uint8 images [N, C, H, W] (C = 1 or 3; NHWC with
   layout="nhwc") -> (features float32 [N, dim], logits float32 [N, logits_dim] or None) on the CPU;
 - `as_rgb`: grey images repeated to 3 channels for the ImageNet backbones;
-- `load_weights`: the checked load of a backbone's weights: strict, then one line naming the first
-  tensor holding NaN/inf.
+- `load_weights`: the checked load of a backbone's weights (io.load_into), then one line naming the
+  first tensor holding NaN/inf.
 """
 from __future__ import annotations
 
@@ -34,10 +34,11 @@ def as_rgb(images: torch.Tensor, layout: str = "nchw") -> torch.Tensor:
     return images
 
 
-def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """`io.load_into` (strict, one line per bad key or shape), then reject NaN/inf: such weights give
-    NaN features and so NaN metrics, far from the file that caused them."""
-    io.load_into(module, state, source)
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, official: bool = False) -> None:
+    """`io.load_into` (one line per missing key or bad shape; keys the model lacks an error, or for an
+    `official` released file a warning unless --strict), then reject NaN/inf: such weights give NaN
+    features and so NaN metrics, far from the file that caused them."""
+    state = io.load_into(module, state, source, official)
     for key, value in state.items():  # file order: the first bad key is named
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())

@@ -7,7 +7,9 @@ backbones it builds. Each backbone has the call of `backbone_base.Backbone`:
   data Inception does not see well); its logits are the class scores.
 
 Grey images are repeated to 3 channels for the ImageNet backbones. Every backbone's weights go
-through `backbone_base.load_weights`: a strict load, then one line naming the first tensor holding NaN/inf.
+through `backbone_base.load_weights`: a checked load (io.load_into: a missing key or shape is an error;
+a key the network lacks a warning for the released Inception / DINOv2 files, an error with --strict),
+then one line naming the first tensor holding NaN/inf.
 """
 from __future__ import annotations
 

@@ -265,7 +265,7 @@ def load_dinov2(path: str | pathlib.Path, device: torch.device | str = "cpu") ->
     state = io.load_state_dict(path)
     arch = arch_from_state(state, source)
     model = DINOv2(arch)
-    load_weights(model, state, source)
+    load_weights(model, state, source, official=True)
     return model.float().requires_grad_(False).eval().to(device)
 
 

@@ -1,8 +1,8 @@
 """The FID InceptionV3 (torch-fidelity's `FeatureExtractorInceptionV3`) from a local weights file.
 
 The network is assembled from torch-fidelity's own blocks under the same attribute names, so its
-weights file (`weights-inception-2015-12-05-6726825d.pth`, the TF-ported FID network) loads with
-`strict=True`, and the numerics are those of the reference. Differences, all for speed:
+weights file (`weights-inception-2015-12-05-6726825d.pth`, the TF-ported FID network) loads key
+for key (io.load_into: keys the network lacks are a warning, an error with --strict), and the numerics are those of the reference. Differences, all for speed:
 - input is already resized and normalised (`metrics.preprocess`, the csrc op);
 - every conv + batch-norm pair is folded into one conv (computed in float64, stored float32);
 - activations run channels-last on CPU (oneDNN's fast path).
@@ -113,7 +113,7 @@ def no_tf32():
 
 def load_inception(path: str | pathlib.Path, device: torch.device | str = "cpu", fold: bool = True) -> InceptionV3:
     model = InceptionV3()
-    load_weights(model, read_state_dict(path), f"{path} (torch-fidelity's InceptionV3 weights)")
+    load_weights(model, read_state_dict(path), f"{path} (torch-fidelity's InceptionV3 weights)", official=True)
     model = model.float().requires_grad_(False).eval()
     if fold:
         fold_batchnorm(model)

@@ -19,7 +19,8 @@ The conversions run in float32. Both wrappers run without gradients (the VAEs ar
 move to the VAE's device and dtype, outputs stay there.
 
 MAR KL-16 is our own module (LDM's KL autoencoder as MAR/xAR configure it) with the official
-parameter names, so the `"model"` state dict of `kl16.ckpt` loads with strict=True:
+parameter names, so the `"model"` state dict of `kl16.ckpt` loads key for key (keys the network
+lacks, e.g. a training loss's, are ignored with a warning, as the official strict=False load does):
   encoder.conv_in, encoder.down.{i}.block.{j}.{norm1,conv1,norm2,conv2[,nin_shortcut]},
   encoder.down.{i}.attn.{j}.{norm,q,k,v,proj_out} (lowest resolution only),
   encoder.down.{i}.downsample.conv (all levels but the last), encoder.mid.{block_1,attn_1,block_2},
@@ -33,17 +34,18 @@ clamped to [-30, 20]. SD KL-f8 is diffusers' AutoencoderKL, an optional dependen
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import NeonError, first_line
-from ..io import load_into, torch_load
+from ..io import check_keys, load_into, torch_load
 
 MAR_SCALE = 0.2325
 SD_SCALE = 0.18215
@@ -309,7 +311,9 @@ class MarVAE(LatentVAE):
 
 
 def load_mar_vae(path: str | os.PathLike, device: str | torch.device = "cpu") -> MarVAE:
-    """kl16.ckpt ({"model": state dict}) -> MarVAE, strict load, eval mode, frozen."""
+    """kl16.ckpt ({"model": state dict}) -> MarVAE, eval mode, frozen. The official loader (MAR's
+    models/vae.py, AutoencoderKL.init_from_ckpt) reads the same "model" entry with strict=False: here
+    a missing key or shape is an error, a key the network lacks a warning (io.check_keys)."""
     path = pathlib.Path(path)
     what = "MAR KL-16 VAE weights (kl16.ckpt)"
     ckpt = torch_load(path, what)  # a missing file is one line naming `what`
@@ -322,7 +326,7 @@ def load_mar_vae(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     with torch.device("meta"):
         vae = MarVAE(MAR_KL16)
     vae = vae.to_empty(device="cpu")
-    load_into(vae, state, f"{path} ({what})")
+    load_into(vae, state, f"{path} ({what})", official=True)  # extra keys (the training loss's): a warning
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -362,20 +366,27 @@ class SDVAE(LatentVAE):
         return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
 
 
-def _ldm_config_from_weights(path: pathlib.Path) -> dict:
-    """An LDM-format SD VAE file -> the original (CompVis) config diffusers' from_single_file
-    converts, inferred from the weight shapes: so no config has to come from the Hub."""
+def _ldm_state(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    """The tensors of an LDM-format SD VAE file, without the `first_stage_model.` / `vae.` prefix of
+    a whole Stable Diffusion checkpoint (its other networks left out)."""
     if path.suffix == ".safetensors":
-        with safe_open(str(path), "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    else:  # read once here for the shapes, and again by from_single_file
+        sd = load_file(str(path))
+    else:
         sd = torch_load(path, "SD VAE weights")
         while isinstance(sd, dict) and "state_dict" in sd:
             sd = sd["state_dict"]
-        shapes = {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}
+    if not isinstance(sd, dict):
+        raise NeonError(f"{path}: not a state dict (a {type(sd).__name__})")
+    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
     for prefix in ("first_stage_model.", "vae."):
-        if any(k.startswith(prefix + "encoder.") for k in shapes):
-            shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+        if any(k.startswith(prefix + "encoder.") for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def _ldm_config(path: pathlib.Path, shapes: dict[str, tuple]) -> dict:
+    """The original (CompVis) config diffusers' from_single_file converts with, inferred from the
+    weight shapes: so no config has to come from the Hub."""
     needed = ("encoder.conv_in.weight", "encoder.down.0.block.0.conv2.weight", "decoder.conv_in.weight")
     if not all(k in shapes for k in needed):
         raise NeonError(f"{path}: not a Stable Diffusion VAE in the original (LDM) layout: no {needed[1]} "
@@ -385,27 +396,85 @@ def _ldm_config_from_weights(path: pathlib.Path) -> dict:
     blocks = 1 + max(int(k.split(".")[4]) for k in shapes if k.startswith("encoder.down.0.block."))
     ch_mult = [shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels)]
     ddconfig = {"ch": ch, "ch_mult": ch_mult, "num_res_blocks": blocks, "in_channels": in_channels,
-                "out_ch": shapes["decoder.conv_out.weight"][0], "z_channels": shapes["decoder.conv_in.weight"][1]}
+                "out_ch": shapes.get("decoder.conv_out.weight", (3,))[0], "z_channels": shapes["decoder.conv_in.weight"][1]}
     return {"model": {"params": {"scale_factor": SD_SCALE, "first_stage_config": {"params": {"ddconfig": ddconfig}}}}}
+
+
+def _check_ldm_keys(state: dict[str, torch.Tensor], config: dict, source: str) -> dict[str, torch.Tensor]:
+    """The LDM file's keys against those of the KL autoencoder its shapes describe (our MarVAE
+    module with SD's configuration, no encoder attention: the same names), as io.check_keys does
+    for an official file: a missing key or shape is an error, a key the network lacks is a warning
+    (an error with --strict). Returns `state` without the ignored keys. diffusers' conversion would
+    drop such keys silently and leave missing ones randomly initialised."""
+    dd = config["model"]["params"]["first_stage_config"]["params"]["ddconfig"]
+    cfg = KLConfig(ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
+                   z_channels=dd["z_channels"], encoder_attn=False, norm_groups=1)
+    with torch.device("meta"):
+        layout = {k: tuple(v.shape) for k, v in MarVAE(cfg).state_dict().items()}
+    # RGB in and out is what the network is built for; other channel counts are left to diffusers
+    layout["encoder.conv_in.weight"] = (dd["ch"], dd["in_channels"], 3, 3)
+    layout["decoder.conv_out.weight"] = (dd["out_ch"], *layout["decoder.conv_out.weight"][1:])
+    layout["decoder.conv_out.bias"] = (dd["out_ch"],)
+    extra = set(check_keys(list(layout), list(state), source, official=True))
+    for k, shape in layout.items():
+        if tuple(state[k].shape) != shape:
+            raise NeonError(f"{source}: key '{k}' has shape {tuple(state[k].shape)}, the model expects {shape}")
+    return {k: v for k, v in state.items() if k not in extra}
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """diffusers' own warnings off (its "not used" / "newly initialized" lists): our checks say it in one line."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+def _check_loading_info(net: nn.Module, info: dict, source: str) -> None:
+    """diffusers' from_pretrained report (missing / unexpected / mismatched keys) as io.check_keys
+    judges an official file: a missing key or shape is an error, an unused key a warning."""
+    order = list(net.state_dict())
+    missing = set(info.get("missing_keys") or ())
+    found = [k for k in order if k not in missing] + sorted(info.get("unexpected_keys") or ())
+    check_keys(order, found, source, official=True)
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: order.index(m[0]) if m[0] in order else 0)
+    if mismatched:
+        key, theirs, ours = mismatched[0]
+        raise NeonError(f"{source}: key '{key}' has shape {tuple(theirs)}, the model expects {tuple(ours)}")
 
 
 def load_sd_vae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SDVAE:
     """A local SD VAE: a diffusers folder (config.json + diffusion_pytorch_model.safetensors/.bin,
     e.g. stabilityai/sd-vae-ft-ema), or one original-layout .safetensors/.ckpt/.pt file (e.g.
-    vae-ft-mse-840000-ema-pruned), whose config is inferred from its shapes. Never downloads."""
+    vae-ft-mse-840000-ema-pruned), whose config is inferred from its shapes. Never downloads.
+    Keys as for every official file (io.check_keys): a missing key or a wrong shape is an error, a
+    key the network does not have (a training loss's, an EMA copy's) a warning, an error with
+    --strict / strict_keys: true."""
     path = pathlib.Path(path)
     AutoencoderKL = _diffusers_autoencoder()
     what = "Stable Diffusion VAE (a diffusers folder or an original .safetensors/.ckpt file)"
+    source = f"{path} (Stable Diffusion VAE)"
     if not path.exists():
         raise NeonError(f"{path}: {what} not found")
     try:
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise NeonError(f"{path}: no config.json: not a diffusers AutoencoderKL folder")
-            net = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+            with _quiet_diffusers():
+                net, info = AutoencoderKL.from_pretrained(str(path), local_files_only=True, output_loading_info=True,
+                                                          low_cpu_mem_usage=False, ignore_mismatched_sizes=True)
+            _check_loading_info(net, info, source)
         elif path.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-            config = _ldm_config_from_weights(path)
-            net = AutoencoderKL.from_single_file(str(path), original_config=config, local_files_only=True)
+            state = _ldm_state(path)
+            config = _ldm_config(path, {k: tuple(v.shape) for k, v in state.items()})
+            state = _check_ldm_keys(state, config, source)
+            with _quiet_diffusers():
+                net = AutoencoderKL.from_single_file(state, original_config=config, local_files_only=True)
         else:
             raise NeonError(f"{path}: {what}: unknown file type {path.suffix!r}")
     except NeonError:

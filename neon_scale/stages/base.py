@@ -1,6 +1,8 @@
 """Stage `base`: theta_r on disk as safetensors.
 
-With `base.weights` the file is validated against the model and copied into the run; without,
+With `base.weights` the file is validated against the model (io.load_into: a missing key or shape is
+an error, a key the model does not have a warning, an error under `strict_keys`) and its model keys
+copied into the run; without,
 the model is trained from scratch: the toys on their built-in real data (full-batch Adam on rank 0,
 the paper's appendix recipe); image models on the training split of `data.source`, by the same
 DeepSpeed trainer as the fine-tune (stages/train.py: ZeRO, EMA, checkpoints, exact resume), every
@@ -102,7 +104,8 @@ def run(ctx: RunContext) -> None:
     elif dist.is_main():
         if ctx.cfg.base.weights:
             state = load_state_dict(ctx.cfg.base.weights, ctx.cfg.base.weights_key)
-            load_into(ctx.spec.build(ctx.model_args()), state, ctx.cfg.base.weights)
+            # a released file: keys the model lacks are ignored with a warning (strict_keys: an error)
+            state = load_into(ctx.spec.build(ctx.model_args()), state, ctx.cfg.base.weights, official=True)
         elif ctx.cfg.base.random_init:
             torch.manual_seed(rng.seed_of(ctx.cfg.base.seed, "init"))
             state = ctx.spec.build(ctx.model_args()).state_dict()
