@@ -10,7 +10,7 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || 
 # The venv's bin first: its ninja must build extensions, not the system one.
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu
 
-.PHONY: install install-cluster demo digits bench-digits bench-selection bench-kills bench-matrix bench-gpu-check test test-fast tiny-assets clean-runs
+.PHONY: install install-cluster demo digits bench-digits bench-selection bench-kills bench-matrix bench-gpu-check bench-scale test test-fast tiny-assets clean-runs
 
 install: $(STAMP)
 
@@ -56,6 +56,13 @@ bench-kills: install
 # cores). On a GPU machine: bash tools/gpu_check.sh (README "Checking the CUDA paths")
 bench-gpu-check: install
 	OMP_NUM_THREADS=1 $(RUN) $(PY) bench/gpu_check.py --out runs/gpu_check.json
+
+# every stage at the real sizes (DiT-XL/2, xAR-L, xAR-H with random weights; ZeRO-3 bf16 on 2 ranks): wall time and
+# peak RSS per rank beside the ZeRO formula and the merge bound (bench/scale.py --help; hours on 2 cores, a quiet
+# machine with 24 GiB; resumable in runs/bench-scale-full; not part of `make test`). BENCH_SCALE_ARGS="--scale small"
+# checks the bench itself in minutes.
+bench-scale: install
+	OMP_NUM_THREADS=1 $(RUN) $(PY) bench/scale.py --models dit_xl2,xar_l,xar_h --out runs/bench-scale.json $(BENCH_SCALE_ARGS)
 
 tiny-assets: install
 	$(RUN) $(PY) tools/make_tiny_assets.py runs/tiny-assets

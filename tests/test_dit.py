@@ -125,3 +125,18 @@ def test_forward_matches_a_float64_reference():
     rel = lambda a: ((a - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
     assert rel(ours64) < 1e-12, rel(ours64)  # the same formula
     assert rel(ours32) < 1e-4, rel(ours32)  # float32 rounding (weights ~N(0, 0.2): a high-gain net)
+
+
+def test_patch_embed_takes_fp32_input_into_bf16_weights():
+    """A bf16 DeepSpeed engine casts the module, not the batch: the patch embedding casts its input
+    (bench/scale.py's first bf16 training step failed here)."""
+    from neon_scale.models.dit import PatchEmbed
+
+    import copy
+
+    embed = PatchEmbed(8, 2, 4, 8).to(torch.bfloat16)
+    x = torch.randn(2, 4, 8, 8)
+    want = copy.deepcopy(embed).float()(x.to(torch.bfloat16).float())  # same weights, fp32 arithmetic
+    out = embed(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 16, 8)
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)

@@ -356,3 +356,14 @@ def test_sampler_rejects_out_of_range_labels(bad):
     assert "\n" not in str(err.value)
     with pytest.raises(NeonError, match="num_steps must be an integer >= 1"):
         sample_xar(model, torch.tensor([1]), torch.Generator(), num_steps=0, cfg=1.5)
+
+
+def test_rope_keeps_the_dtype_of_its_input():
+    """fp32 tables, 16-bit q and k: q, k and v reach attention in one dtype (bf16 training)."""
+    rope = xar_mod.RoPE(8, 4, 2)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, 2, 16, 8, dtype=dtype)
+        assert rope(x, 0).dtype == dtype
+    x = torch.randn(1, 2, 16, 8)
+    torch.testing.assert_close(rope(x.to(torch.bfloat16), 0).float(), rope(x.to(torch.bfloat16).float(), 0),
+                               rtol=1e-2, atol=1e-2)

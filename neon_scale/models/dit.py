@@ -63,7 +63,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # [N, T, D]
+        # in the weights' dtype (a bf16 DeepSpeed engine casts the module, not its input; as xAR's z_proj)
+        return self.proj(x.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)  # [N, T, D]
 
 
 class LabelEmbedder(nn.Module):

@@ -108,7 +108,9 @@ class RoPE(nn.Module):
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x [B, heads, N, head_dim] holds the tokens at positions start .. start+N-1."""
         n = x.shape[2]
-        return x * self.freqs_cos[start:start + n] + rotate_half(x) * self.freqs_sin[start:start + n]
+        # float32 tables; the result in x's dtype (16-bit training: q, k as v, what autocast gives sdpa anyway)
+        out = x * self.freqs_cos[start:start + n] + rotate_half(x) * self.freqs_sin[start:start + n]
+        return out.to(x.dtype)
 
 
 def block_causal_mask(seq_len: int, cell_len: int) -> torch.Tensor:

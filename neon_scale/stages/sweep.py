@@ -568,7 +568,7 @@ def _write_report(ctx: RunContext, stage: StageDir, summary: list[dict], store: 
     """samples.png, summary.json and fid_vs_w.png (rank 0)."""
     if dist.is_main():
         if pictures:
-            _samples_picture(pictures, _num_classes(ctx), PER_CLASS, stage.path / "samples.png")
+            _samples_picture(pictures, _picture_classes(ctx), PER_CLASS, stage.path / "samples.png")
         write_json(stage.path / "summary.json", summary)
         _plot(summary, store, stage.path / "fid_vs_w.png", metric_name, tracker)
 
@@ -576,22 +576,32 @@ def _write_report(ctx: RunContext, stage: StageDir, summary: list[dict], store: 
 PER_CLASS = 8  # samples per class row of samples.png
 
 
+PICTURE_CLASSES = 10  # rows of samples.png at most (the first classes): ImageNet's 1000 x 8 would cost an evaluation
+
+
 def _num_classes(ctx: RunContext) -> int:
     return ctx.spec.null_class(ctx.model_args()) or 1
 
 
+def _picture_classes(ctx: RunContext) -> int:
+    return min(_num_classes(ctx), PICTURE_CLASSES)
+
+
 @torch.no_grad()
 def _panel(ctx: RunContext, model, extrapolator, w: float, g, title: str) -> tuple[str, torch.Tensor]:
-    """(title, images) for samples.png: PER_CLASS samples of every class at (w, guidance), class-major,
-    always from the same noise."""
+    """(title, images) for samples.png: PER_CLASS samples of each of the first PICTURE_CLASSES classes at
+    (w, guidance), class-major, always from the same noise."""
     cfg = ctx.cfg
-    num_classes = _num_classes(ctx)
+    num_classes = _picture_classes(ctx)
     n = num_classes * PER_CLASS
     extrapolator.set_w(w)
     if cfg.sweep.guidance_key is not None:
         title += f", {cfg.sweep.guidance_key} {g}"
-    samples = ctx.spec.sample(model, n, rng.generator(cfg.eval.seed, "picture"),
-                              ctx.spec.parse_sampler(_eval_sampler(cfg, g)))
-    images = ctx.spec.images(samples, ctx.model_args()).cpu()
+    gen, sampler = rng.generator(cfg.eval.seed, "picture"), ctx.spec.parse_sampler(_eval_sampler(cfg, g))
+    if num_classes == _num_classes(ctx):
+        images = ctx.spec.images(ctx.spec.sample(model, n, gen, sampler), ctx.model_args()).cpu()
+    else:  # the first PICTURE_CLASSES classes only (labels are i mod num_classes): sampled and decoded by row
+        images = torch.cat([ctx.spec.images(ctx.spec.sample(model, num_classes, gen, sampler), ctx.model_args()).cpu()
+                            for _ in range(PER_CLASS)])
     # sample i has class i mod num_classes: reorder to a row per class
     return title, images.reshape(PER_CLASS, num_classes, *images.shape[1:]).transpose(0, 1).reshape(n, *images.shape[1:])
