@@ -100,7 +100,8 @@ class FeatureStore:
             shutil.rmtree(self.root / self._dir_name(point), ignore_errors=True)
 
 
-def _chunk_counts(n: int, chunk: int) -> list[int]:
+def chunk_counts(n: int, chunk: int) -> list[int]:
+    """The sizes of the chunks of n samples (chunk i always gets the same noise: a larger n reuses them)."""
     return [min(chunk, n - i * chunk) for i in range(math.ceil(n / chunk))]
 
 
@@ -110,7 +111,7 @@ def evaluate(metric: SampleMetric, model: torch.nn.Module, sampler, n: int, seed
     """Collective: every rank returns the same Estimate. `store`: where the chunks' features are
     kept under the name `point` (None: in memory, for this call only)."""
     store = FeatureStore(None) if store is None else store
-    counts = _chunk_counts(n, chunk)
+    counts = chunk_counts(n, chunk)
     # ------------------------------------------------------------------ Sample the missing chunks
     missing = dist.broadcast_object([i for i, c in enumerate(counts) if not store.has(point, i, c)]
                                     if dist.is_main() else None)

@@ -32,6 +32,7 @@ from ..errors import NeonError
 from ..specs.registry import get_spec
 from ..train.deepspeed_config import deepspeed_config, micro_batch_size
 from .common import RunContext, sampler_tag
+from .evaluate import chunk_counts
 
 LR_FLAG_RATIO = 0.01  # flag a run whose lr at the last step is below 1% of train.lr
 
@@ -187,15 +188,11 @@ def _early_stop_low(ws: list[float], gs: list, refine_w: float, refine_g: float,
     return int(best), int(best_w)
 
 
-def _chunks(n: int, chunk: int) -> set:
-    return {(i, min(chunk, n - i * chunk)) for i in range(math.ceil(n / chunk))}
-
-
 def new_samples(have: int, want: int, chunk: int) -> int:
     """Samples a point evaluated at `have` draws anew for `want` (chunks of the same index and
     size are reused: stages/evaluate.py)."""
-    reused = _chunks(have, chunk) if have else set()
-    return sum(c for i, c in _chunks(want, chunk) - reused)
+    reused = set(enumerate(chunk_counts(have, chunk))) if have else set()
+    return sum(c for _i, c in set(enumerate(chunk_counts(want, chunk))) - reused)
 
 
 @dataclass

@@ -47,7 +47,7 @@ from ..metrics.backbones import METRIC_NAMES, load_backbone
 from ..metrics.uncertainty import paired_se
 from ..selection import race, search
 from ..tracking import Tracker, open_tracker
-from .evaluate import Estimate, FeatureStore, SampleMetric, _chunk_counts, evaluate
+from .evaluate import Estimate, FeatureStore, SampleMetric, chunk_counts, evaluate
 from .plan import duration, new_samples, sweep_images, sweep_points
 from . import metric as metric_stage
 from .common import RunContext, StageDir, sampler_tag
@@ -473,7 +473,7 @@ class _PointLines:
         if not dist.is_main():
             return None
         point = PointStore.point_id(row)
-        counts = _chunk_counts(row["n"], self.cfg.eval.chunk)
+        counts = chunk_counts(row["n"], self.cfg.eval.chunk)
         return sum(c for i, c in enumerate(counts) if not self.features.has(point, i, c)), time.perf_counter()
 
     def end(self, row: dict, est: Estimate, begun: tuple[int, float] | None) -> None:
