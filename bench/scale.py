@@ -34,8 +34,10 @@ Bounds printed beside (MiB; "within" compares each rank's peak):
                ranks) + 4 P / W (the EMA, fp32, kept on each rank's partition: train/ema.py)
                + activations with checkpointing (Korthikanti et al. 2022, 16-bit: the input of every
                block, 2 b s h L bytes, plus one block recomputed, s b h (34 + 5 a s / h) bytes; b micro
-               batch, s tokens, h width, a heads, L blocks) + the baseline (RSS of a process that only
-               imports torch, DeepSpeed and the trainer).
+               batch, s tokens, h width, a heads, L blocks) + DeepSpeed's working buffers, sized by
+               the trainer's DeepSpeed settings (train/deepspeed_config.py: 2 x max live parameters +
+               3 x 4 x sub_group_size + 2 x reduce_bucket_size bytes, 858 MiB) + the baseline (RSS of
+               a process that only imports torch, DeepSpeed and the trainer).
   merge, consolidate, export
                2 x the largest tensor (fp32) + the baseline (RSS of a process that imports torch,
                safetensors and the merge modules) + 64 MiB (read/write buffers). export writes a
@@ -60,6 +62,7 @@ Stages already measured in --work (results.json) are skipped, so an interrupted 
 from __future__ import annotations
 
 import argparse
+import ast
 import glob
 import json
 import os
@@ -212,12 +215,33 @@ def activation_bytes(info: dict) -> float:
     return 2 * b * s * h * n + s * b * h * (34 + 5 * a * s / h)
 
 
+def deepspeed_memory_settings() -> dict:
+    """The trainer's DeepSpeed memory settings (neon_scale/train/deepspeed_config.py ZERO_MEMORY and
+    ZERO3_MEMORY), read from its source: importing the package would import torch (see above)."""
+    tree = ast.parse((ROOT / "neon_scale" / "train" / "deepspeed_config.py").read_text())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") in ("ZERO_MEMORY", "ZERO3_MEMORY")
+                                                for t in node.targets):
+            out.update(ast.literal_eval(node.value))
+    return out
+
+
+def deepspeed_buffer_bytes() -> float:
+    """DeepSpeed's working buffers, sized by its config, not by the model: the gathered 16-bit
+    parameters kept alive (2 x stage3_max_live_parameters), Adam's temporaries over one optimizer
+    sub-group (3 fp32 tensors of sub_group_size) and the 16-bit gradient bucket (2 x
+    reduce_bucket_size)."""
+    ds = deepspeed_memory_settings()
+    return 2 * ds["stage3_max_live_parameters"] + 3 * 4 * ds["sub_group_size"] + 2 * ds["reduce_bucket_size"]
+
+
 def bounds(info: dict, base_train: float, base_merge: float) -> dict:
     """MiB per stage (None: no bound)."""
     p = info["params"]
     zero3 = 16 * p / WORLD + 4 * p / WORLD  # (2 + 2 + 12) P / W + the fp32 EMA partition
     two_largest = 2 * 4 * info["largest"]
-    return {"train": (zero3 + activation_bytes(info)) / MiB + base_train,
+    return {"train": (zero3 + activation_bytes(info) + deepspeed_buffer_bytes()) / MiB + base_train,
             "merge": two_largest / MiB + base_merge + 64, "merge_zero": two_largest / MiB + base_merge + 64,
             "consolidate": two_largest / MiB + base_merge + 64, "consolidate_ema": two_largest / MiB + base_merge + 64,
             "export": 4 * info["state_numel"] / MiB + base_merge + 64}

@@ -16,6 +16,7 @@ every rank, hyperparameters).
 usage: torchrun --nproc_per_node N tests/reshard_worker.py OUT JOB [JOB ...]
 """
 import json
+import os
 import pathlib
 import sys
 
@@ -26,6 +27,17 @@ STEPS, BATCH, DECAY = 3, 8, 0.8
 
 def case_name(stage: int, dtype: str, world: int) -> str:
     return f"z{stage}-{dtype}-from{world}"
+
+
+def _sub_groups() -> str:
+    """A DeepSpeed JSON with ZeRO-3 sub-groups of 16 elements: every rank then holds several flat fp32
+    groups (as a large model does with the default sub_group_size), which the reader, the EMA and
+    the resharding must walk in order."""
+    from neon_scale.io import write_json
+
+    path = pathlib.Path(sys.argv[1]) / f"zero3-sub-groups-rank{os.environ.get('RANK', '0')}.json"
+    write_json(path, {"zero_optimization": {"sub_group_size": 16}})
+    return str(path)
 
 
 def build(stage: int, dtype: str, seed: int, hidden: int = 7):
@@ -40,7 +52,8 @@ def build(stage: int, dtype: str, seed: int, hidden: int = 7):
     model = spec.build(spec.parse_args({"hidden": hidden}))  # odd sizes: ZeRO pads the last rank's partitions
     model.cond[0].bias.requires_grad_(False)  # a frozen parameter (as DiT's pos_embed)
     model.register_buffer("calib", torch.randn(5))  # and a buffer
-    cfg = TrainConfig(global_batch=BATCH, lr=1e-2, weight_decay=0.01, warmup_steps=10, zero_stage=stage, dtype=dtype)
+    cfg = TrainConfig(global_batch=BATCH, lr=1e-2, weight_decay=0.01, warmup_steps=10, zero_stage=stage, dtype=dtype,
+                      deepspeed_json=_sub_groups() if stage == 3 else None)
     engine = initialize(spec, model, cfg, dist.world())
     return engine, PartitionEMA(engine, DECAY)
 
@@ -79,6 +92,8 @@ def dump(engine, ema, out: pathlib.Path, name: str) -> None:
     with ema.swapped_in():
         for n, p in trained:
             tensors[f"ema/{n}"] = safe_get_full_fp32_param(p).cpu().clone()
+    from neon_scale.train.ema import master_partitions
+
     local = sorted({float(s["step"]) for s in engine.optimizer.optimizer.state.values()})
     steps = [None] * dist.world()
     tdist.all_gather_object(steps, local)
@@ -86,7 +101,8 @@ def dump(engine, ema, out: pathlib.Path, name: str) -> None:
              for g in engine.optimizer.optimizer.param_groups]
     info = {"lr": engine.get_lr(), "global_steps": engine.global_steps, "global_samples": engine.global_samples,
             "skipped_steps": engine.skipped_steps, "scheduler": engine.lr_scheduler.state_dict(),
-            "adam_steps": steps, "param_groups": hyper, "world": dist.world()}
+            "adam_steps": steps, "param_groups": hyper, "world": dist.world(),
+            "flat_groups": len(master_partitions(engine))}
     if dist.is_main():
         save_state_dict(out / f"{name}.safetensors", tensors)
         (out / f"{name}.json").write_text(json.dumps(info, indent=1))

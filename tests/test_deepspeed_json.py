@@ -24,9 +24,23 @@ def test_user_json_is_merged_and_its_values_win(tmp_path):
     path = _write(tmp_path, {"zero_optimization": {"reduce_bucket_size": 1000, "overlap_comm": False},
                              "gradient_clipping": 0.5, "train_batch_size": 1000})
     ds = deepspeed_config(load_config(str(TOY), [f"train.deepspeed_json={path}"]).train, world=2)
-    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000, "overlap_comm": False}
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000, "allgather_bucket_size": 50_000_000,
+                                       "overlap_comm": False}  # ours, the user's values winning
     assert ds["gradient_clipping"] == 0.5 and ds["train_micro_batch_size_per_gpu"] == 500
     assert ds["optimizer"]["params"]["torch_adam"] is True
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_memory_defaults_are_valid_deepspeed_settings(stage):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = deepspeed_config(load_config(str(TOY), [f"train.zero_stage={stage}"]).train, world=2)["zero_optimization"]
+    parsed = DeepSpeedZeroConfig(**zero)  # DeepSpeed's own model: a misspelt key or bad value fails here
+    assert parsed.stage == stage
+    if stage == 3:
+        assert parsed.sub_group_size == 50_000_000 and parsed.max_live_parameters == 100_000_000
+    if stage >= 1:
+        assert parsed.reduce_bucket_size == 50_000_000
 
 
 @pytest.mark.parametrize("user, message", [

@@ -32,11 +32,17 @@ def test_apply_delta_is_the_reference_formula():
         assert torch.equal(apply_delta(*delta_of(b, s), w), extrapolate_reference(b, s, w))
 
 
-def test_module_sweep_helper_matches_the_offline_merge_for_every_w():
+@pytest.mark.parametrize("consume", [False, True])
+def test_module_sweep_helper_matches_the_offline_merge_for_every_w(consume):
     base, synth = _states(0)
     base["b.bias"][1] = float("nan")
+    kept = {k: v.clone() for k, v in synth.items()}
+    given = {k: v.clone() for k, v in synth.items()}
     model = TinyNet()
-    extrapolator = Extrapolator(module_slots(model, base, synth))
+    extrapolator = Extrapolator(module_slots(model, base, given, consume=consume))
+    # consume: Delta lives in the given tensors' own memory (no copy); else they are left as they were
+    assert all(any(s.delta.data_ptr() == v.data_ptr() for s in extrapolator.slots) == consume for v in given.values())
+    assert all(torch.equal(given[k], kept[k]) for k in kept) != consume
     for w in (1.25, -0.5, 0.0, 2.0):
         extrapolator.set_w(w)
         ref = extrapolate_state(base, synth, w)

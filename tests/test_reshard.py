@@ -1,5 +1,6 @@
 """Resuming a ZeRO 1/2/3 checkpoint (fp32 and bf16) on another number of ranks, real DeepSpeed
-engines on gloo (tests/reshard_worker.py): a checkpoint saved after a few steps at N ranks (EMA,
+engines on gloo (tests/reshard_worker.py; ZeRO 3 with sub-groups of 16 elements, so that each rank
+holds several flat groups, as a large model does): a checkpoint saved after a few steps at N ranks (EMA,
 WarmupLR) and loaded with `load_resharded` at M ranks holds exactly the saved state, bit for bit
 (the full fp32 masters, Adam's exp_avg / exp_avg_sq and step, lr and scheduler, the engine's
 counters, the full EMA, frozen parameters, buffers; bf16 module weights = masters cast to bf16);
@@ -89,6 +90,7 @@ def check_case(d: pathlib.Path, stage: int, dtype: str, saved_world: int) -> Non
         assert loaded_info[k] == saved_info[k], k
     assert saved_info["global_steps"] == STEPS and saved_info["scheduler"] == {"last_batch_iteration": STEPS - 1}
     assert loaded_info["adam_steps"] == [[float(STEPS)]] * loaded_info["world"]  # every rank, every flat group
+    assert (saved_info["flat_groups"] > 1 and loaded_info["flat_groups"] > 1) == (stage == 3)  # ZeRO 3: sub-groups
     # the module's own weights are the masters cast to their dtype (bf16: rounded once)
     lp = torch.bfloat16 if dtype == "bf16" else torch.float32
     for k, v in loaded.items():

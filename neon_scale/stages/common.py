@@ -19,7 +19,7 @@ import torch
 from .. import dist
 from ..config import Config
 from ..console import log
-from ..io import load_into, load_state_dict, read_json, write_json, write_text
+from ..io import load_file_into, read_json, write_json, write_text
 from ..specs.base import ModelSpec
 from ..specs.registry import get_spec
 
@@ -103,7 +103,7 @@ class RunContext:
         """The configured model with `weights` loaded strictly, in eval mode, on this rank's
         device (its GPU when there is one)."""
         model = self.spec.build(self.model_args())
-        load_into(model, load_state_dict(weights), str(weights))
+        load_file_into(model, weights)  # one tensor at a time: never the model twice in memory
         return model.to(dist.device()).eval()
 
     def base_weights(self) -> pathlib.Path:

@@ -294,8 +294,11 @@ def _sweep(ctx: RunContext, stage: StageDir, metric_name: str, tracker: Tracker)
     # ------------------------------------------------------------------ Sweep each checkpoint
     with progress("sweep", len(checkpoints)) as bar:
         for ckpt in checkpoints:
-            # theta_r and Delta kept per tensor: each w is one pass over the weights, not a reload
-            extrapolator = Extrapolator(module_slots(model, base_state, load_state_dict(ckpt["path"])))
+            # theta_r and Delta kept per tensor: each w is one pass over the weights, not a reload;
+            # Delta written over the loaded theta_s, the previous checkpoint's freed first: the
+            # model, theta_r and one Delta in memory, never more
+            extrapolator = None
+            extrapolator = Extrapolator(module_slots(model, base_state, load_state_dict(ckpt["path"]), consume=True))
             entry = _sweep_checkpoint(ctx, points, ckpt, extrapolator)
             if ctx.spec.makes_images and dist.is_main():  # drawn now: each Delta is held only in its turn
                 _add_panels(pictures, ctx, model, extrapolator, ckpt, entry)

@@ -28,7 +28,7 @@ from ..io import disk_errors, save_state_dict, write_json, write_text
 from ..train import train_state
 from ..train.ema import PartitionEMA
 from ..train.deepspeed_config import micro_batch_size
-from ..train.deepspeed_engine import full_fp32_state_dict, initialize
+from ..train.deepspeed_engine import full_fp32_state_dict, initialize, trim_heap
 from ..tracking import Tracker, open_tracker
 from .common import RunContext, StageDir
 
@@ -227,12 +227,15 @@ def _report_status(run: _Run, done: int, loss_sum: float, norm: float | None, th
 
 
 def _export_weights(run: _Run, done: int, export: Callable[[int], pathlib.Path]) -> None:
-    """theta at a save step as fp32 safetensors (the EMA when on): gathered on every rank, written by rank 0."""
+    """theta at a save step as fp32 safetensors (the EMA when on): every rank takes part in the
+    gathers, rank 0 alone keeps and writes the result."""
     ema = run.ema
     with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-        state_dict = full_fp32_state_dict(run.engine)
+        state_dict = full_fp32_state_dict(run.engine, keep=dist.is_main())
     if dist.is_main():
         save_state_dict(export(done), state_dict, {"step": done, "sampler": run.tag, "weights": "ema" if ema else "model"})
+    del state_dict
+    trim_heap()  # rank 0's gathered fp32 model, freed: back to the OS, not kept for the rest of the run
 
 
 def _crossed_checkpoint(cfg: TrainConfig, step: int) -> bool:

@@ -18,7 +18,21 @@ def micro_batch_size(cfg: TrainConfig, world: int) -> int:
     return cfg.global_batch // per_step
 
 
+# DeepSpeed's own defaults are sized for GPUs with the host memory to spare: a 5e8-element gradient
+# bucket (1 GiB in bf16), up to 1e9 gathered parameters kept alive under ZeRO-3, and one optimizer
+# sub-group of 1e9 elements (Adam's temporaries are then whole-partition sized: ~3 x 4 bytes x P / W).
+# At 675M parameters on 2 CPU ranks these took each rank past 12 GiB during deepspeed.initialize
+# and the first step (bench/scale.py); with the values below the step's peak is ~13 bytes per
+# parameter per rank (the ZeRO formula's 8 + the EMA's 2 + buffers). A user's deepspeed_json
+# overrides any of them.
+ZERO_MEMORY = {"reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
+ZERO3_MEMORY = {"sub_group_size": 50_000_000, "stage3_max_live_parameters": 100_000_000,
+                "stage3_max_reuse_distance": 100_000_000, "stage3_prefetch_bucket_size": 50_000_000}
+
+
 def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+    zero = {"stage": cfg.zero_stage, **(ZERO_MEMORY if cfg.zero_stage >= 1 else {}),
+            **(ZERO3_MEMORY if cfg.zero_stage == 3 else {})}
     ds = {
         "train_batch_size": cfg.global_batch,
         "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world),
@@ -27,7 +41,7 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
             "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay,
             "torch_adam": True,  # DeepSpeed's fused Adam is a JIT build; torch's is enough here
         }},
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": cfg.dtype == "bf16"},
         "fp16": {"enabled": cfg.dtype == "fp16", "initial_scale_power": 16},
         "steps_per_print": 1 << 30,
