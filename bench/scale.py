@@ -319,6 +319,8 @@ def bench_model(name: str, scale: str, work: pathlib.Path, assets: pathlib.Path,
             print(f"  {stage:<16} FAILED: {e}", flush=True)
             return False
         entry["stages"][stage] = {"wall_s": wall, "peak_rss_mib": rss}
+        if os.environ.get("MALLOC_MMAP_THRESHOLD_"):  # glibc's heap setting changes the peaks: kept with them
+            entry["stages"][stage]["malloc_mmap_threshold"] = int(os.environ["MALLOC_MMAP_THRESHOLD_"])
         save()
         print(f"  {stage:<16} {wall:.1f} s, peak RSS {' / '.join(f'{m:,.0f}' for m in rss)} MiB", flush=True)
     return True
@@ -346,7 +348,8 @@ def table(results: dict, scale: str) -> str:
             rss = r["peak_rss_mib"]
             b = bound.get(stage)
             within = "-" if b is None else ("yes" if max(rss) <= b else "**no**")
-            lines.append(f"| {name}{' (small)' if scale == 'small' else ''} | {stage} | {info['params'] / 1e6:,.1f}M "
+            mmap = f" (MALLOC_MMAP_THRESHOLD_={r['malloc_mmap_threshold']})" if "malloc_mmap_threshold" in r else ""
+            lines.append(f"| {name}{' (small)' if scale == 'small' else ''} | {stage}{mmap} | {info['params'] / 1e6:,.1f}M "
                          f"| {r['wall_s']:,.1f} | {rss[0]:,.0f} | {f'{rss[1]:,.0f}' if len(rss) > 1 else '-'} "
                          f"| {'-' if b is None else f'{b:,.0f}'} | {within} |")
     return "\n".join(lines)

@@ -64,3 +64,11 @@ def test_load_file_into_a_broken_file(tmp_path):
     (tmp_path / "w.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(NeonError, match="cannot read safetensors file"):
         load_file_into(_net(), tmp_path / "w.safetensors")
+
+
+def test_load_file_into_a_truncated_file(tmp_path):
+    save_file({k: v.contiguous() for k, v in _net().state_dict().items()}, str(tmp_path / "w.safetensors"))
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "w.safetensors").write_bytes(data[:-4])
+    with pytest.raises(NeonError, match="beyond the end of the file"):
+        load_file_into(_net(), tmp_path / "w.safetensors")
