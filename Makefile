@@ -10,7 +10,7 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || 
 # The venv's bin first: its ninja must build extensions, not the system one.
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu
 
-.PHONY: install install-cluster demo digits bench-digits bench-selection bench-kills bench-matrix bench-gpu-check bench-scale test test-fast tiny-assets clean-runs
+.PHONY: install install-cluster demo digits bench-digits bench-selection bench-kills bench-matrix bench-gpu-check bench-scale bench-official test test-fast tiny-assets clean-runs
 
 install: $(STAMP)
 
@@ -63,6 +63,14 @@ bench-gpu-check: install
 # checks the bench itself in minutes.
 bench-scale: install
 	OMP_NUM_THREADS=1 $(RUN) $(PY) bench/scale.py --models dit_xl2,xar_l,xar_h --out runs/bench-scale.json $(BENCH_SCALE_ARGS)
+
+# our DiT / xAR samplers and training steps against the official code on the same small weights
+# (bench/official.py --help; about 7 min on 2 cores). Needs your checkouts of facebookresearch/DiT and
+# OliverRensu/xAR and a folder with timm (pip install --no-deps --target DIR timm); none of it is part
+# of this project: make bench-official DIT_REPO=/path/DiT XAR_REPO=/path/xAR OFFICIAL_DEPS=/path/deps
+bench-official: install
+	OMP_NUM_THREADS=1 PYTHONPATH="$(OFFICIAL_DEPS)" $(RUN) $(PY) bench/official.py --dit-repo "$(DIT_REPO)" \
+		--xar-repo "$(XAR_REPO)" --out runs/bench-official.json $(BENCH_OFFICIAL_ARGS)
 
 tiny-assets: install
 	$(RUN) $(PY) tools/make_tiny_assets.py runs/tiny-assets
