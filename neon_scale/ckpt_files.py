@@ -30,6 +30,12 @@ def ema_file(tag_dir: pathlib.Path, rank: int) -> pathlib.Path:
     return tag_dir / f"ema-rank{rank:05d}.safetensors"
 
 
+def untrained_file(tag_dir: pathlib.Path) -> pathlib.Path:
+    """The tensors the optimizer does not own (frozen parameters, floating buffers) as built, in
+    their own dtype (DeepSpeed saves them cast to the module's bf16/fp16): written by rank 0."""
+    return tag_dir / "untrained.safetensors"
+
+
 def read_latest(ckpt_dir: pathlib.Path) -> str | None:
     """The tag `ckpt_dir/latest` names, None without that file; one line when it cannot be read or
     is empty."""

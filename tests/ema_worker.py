@@ -1,6 +1,7 @@
 """Started by tests/test_ema.py with 2 ranks: a ZeRO engine trains a few steps with the per-rank
 EMA; a float64 EMA of the gathered master weights is kept beside it as the reference. Rank 0
-saves the exported EMA, the reference and the sizes each rank held; the checkpoint goes to CKPT.
+saves the exported EMA, the reference, the untrained tensors as built (a partitioned frozen parameter
+and a buffer) and the sizes each rank held; the checkpoint goes to CKPT.
 
 usage: torchrun --nproc_per_node 2 tests/ema_worker.py OUT_DIR CKPT STAGE fp32|bf16
 """
@@ -26,6 +27,12 @@ def main() -> None:
     spec = get_spec("toy2d_diffusion")
     torch.manual_seed(0)
     model = spec.build(spec.parse_args({"hidden": 24, "depth": 2}))
+    # what the optimizer does not own: a frozen parameter large enough for ZeRO-3 to partition it
+    # (above stage3_param_persistence_threshold, 1e5 elements: as DiT-XL/2's pos_embed) and a buffer,
+    # neither of them representable in bf16
+    model.frozen_big = torch.nn.Parameter(torch.randn(100_003, dtype=torch.float64).float(), requires_grad=False)
+    model.register_buffer("calib", torch.randn(7))
+    built = {k: model.state_dict()[k].clone() for k in ("frozen_big", "calib")}
     cfg = TrainConfig(global_batch=64, lr=1e-2, zero_stage=stage, dtype=dtype)
     engine = initialize(spec, model, cfg, dist.world())
     ema = PartitionEMA(engine, decay)
@@ -45,8 +52,9 @@ def main() -> None:
     held = [int(dist.all_reduce_sum(torch.tensor([float(sum(s.numel() for s in ema.shadow))])).item())]
     if dist.is_main():
         save_state_dict(out_dir / "exported.safetensors", exported)
+        save_state_dict(out_dir / "built.safetensors", built)
         save_state_dict(out_dir / "reference.safetensors", {k: v for k, v in reference.items()})
-        total = sum(v.numel() for v in weights.values())
+        total = sum(v.numel() for k, v in weights.items() if k not in built)  # what the EMA covers
         same = all(torch.equal(weights[k], restored[k]) for k in weights)
         (out_dir / "result.json").write_text(json.dumps({"held_by_both_ranks": held[0], "model_numel": total,
                                                          "weights_restored": same}))

@@ -34,6 +34,10 @@ into a new tensor; EMA partitions (safetensors) are read a slice at a time too. 
 deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint bit for bit, dtypes
 included (floating buffers are returned as float32, frozen parameters with their stored dtype;
 ZeRO 1 does not save frozen parameters: `module_tensor` takes them from the saved module).
+One exception, for checkpoints of our trainer: DeepSpeed saves frozen parameters and buffers cast to
+the module's bf16/fp16 (there is no fp32 master of them), so the trainer also writes them as built
+(`untrained.safetensors`, rank 0), and `get` returns that fp32 value wherever the stored one is it
+cast (nothing changed it): DiT's pos_embed and xAR's RoPE tables are not rounded to bf16 by a merge.
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from ..ckpt_files import LATEST, ema_file, read_latest, trainer_file
+from ..ckpt_files import LATEST, ema_file, read_latest, trainer_file, untrained_file
 from ..errors import NeonError
 from ..io import torch_load
 from .sources import TensorMeta, TensorSource
@@ -156,6 +160,25 @@ class ZeroCheckpointSource(TensorSource):
         model_files = self._load_model_states(d)
         self._map_keys(model_files, sd0.get("param_alignment_paddings"), first)
         self._strip_prefix(d)
+        self._untrained = self._read_untrained(d)
+
+    def _read_untrained(self, d: pathlib.Path) -> dict[str, torch.Tensor]:
+        """Our trainer's copy of the frozen parameters and floating buffers as built (fp32), where
+        DeepSpeed's files hold them cast to bf16/fp16; {} for a checkpoint without it."""
+        path = untrained_file(d)
+        if not path.is_file():
+            return {}
+        with safe_open(str(path), framework="pt") as f:
+            out = {k: f.get_tensor(k) for k in f.keys()}
+        return {k: v for k, v in out.items() if k in self._entries and self._entries[k][0] in ("frozen", "buffer")}
+
+    def _as_built(self, key: str, stored: torch.Tensor) -> torch.Tensor:
+        """A frozen parameter or buffer as built when DeepSpeed's stored value is it cast to the
+        stored dtype (nothing changed it), else the stored value in fp32."""
+        built = self._untrained[key]
+        if built.shape == stored.shape and torch.equal(built.to(stored.dtype), stored):
+            return built.clone()
+        return stored.to(torch.float32, copy=True)
 
     @staticmethod
     def _find_partitions(d: pathlib.Path) -> tuple[str, list[re.Match]]:
@@ -320,6 +343,8 @@ class ZeroCheckpointSource(TensorSource):
         kind, what = self._entries[key]
         if kind == "flat":
             return TensorMeta(what.shape, self._masters[0][0].dtype)  # the EMA is fp32 too
+        if key in self._untrained:
+            return TensorMeta(tuple(self._untrained[key].shape), torch.float32)
         if kind == "frozen":
             shape = self._models[0]["frozen_param_shapes"][what]
             return TensorMeta(tuple(shape), self._models[0]["frozen_param_fragments"][what].dtype)
@@ -331,10 +356,16 @@ class ZeroCheckpointSource(TensorSource):
         with torch.no_grad():
             if kind == "buffer":
                 t = self._models[0]["module"][what]
+                if key in self._untrained:
+                    return self._as_built(key, t)
                 return t.to(torch.float32 if t.is_floating_point() else t.dtype, copy=True)
             if kind == "frozen":
-                return self._join([m["frozen_param_fragments"][what].reshape(-1) for m in self._models], key)
+                t = self._frozen_stored(key, what)
+                return self._as_built(key, t) if key in self._untrained else t
             return self._slot(self._flat, what, key)
+
+    def _frozen_stored(self, key: str, what) -> torch.Tensor:
+        return self._join([m["frozen_param_fragments"][what].reshape(-1) for m in self._models], key)
 
     def _slot(self, flat: list[list], what: _Slot, key: str) -> torch.Tensor:
         """The full tensor at `what` in the per-rank flat groups `flat` (masters, EMA or a state)."""
@@ -434,7 +465,8 @@ class ZeroCheckpointSource(TensorSource):
         ZeRO 1 frozen parameters come from the saved module, which holds them whole."""
         kind, what = self._entries.get(key, (None, None))
         if kind == "frozen":
-            return self.get(key)
+            with torch.no_grad():
+                return self._frozen_stored(key, what)
         name = self.prefix + key
         module = self._models[0].get("module") or {}
         t = module.get(name) if isinstance(module, dict) else None

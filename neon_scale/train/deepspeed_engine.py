@@ -51,8 +51,13 @@ def initialize(spec: ModelSpec, model: nn.Module, cfg: TrainConfig, world: int):
 
     ds_logger.setLevel(logging.WARNING)
     wrapper = LossModule(spec, model)
+    # What the optimizer never updates (frozen parameters, floating buffers: DiT's pos_embed, xAR's
+    # RoPE tables), as built: DeepSpeed casts them to bf16/fp16 with the module and keeps no fp32
+    # master of them, so an export would otherwise write them rounded (see full_fp32_state_dict).
+    exact = {name: t.detach().clone() for name, t in _untrained(model).items()}
     engine, *_ = deepspeed.initialize(model=wrapper, model_parameters=wrapper.parameters(),
                                       config=deepspeed_config(cfg, world))
+    engine.neon_untrained = exact
     engine.checkpoint_engine = AllowListedLoads(engine.checkpoint_engine)
     trim_heap()  # the whole fp32 model this rank built, now partitioned and freed
     return engine
@@ -71,19 +76,49 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+def _untrained(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The floating tensors of the state dict that the optimizer does not own."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    out = {}
+    for name in model.state_dict():
+        t = params.get(name, buffers.get(name))
+        if name not in trained and t is not None and t.is_floating_point():
+            out[name] = t
+    return out
+
+
 def full_fp32_state_dict(engine, keep: bool = True) -> dict[str, torch.Tensor]:
     """The model's state dict with fp32 master weights. Collective under ZeRO-3: every rank takes
     part in each tensor's gather; a rank with keep=False drops each tensor at once and returns {}
-    (so only the writer ever holds a whole fp32 model: at 675M parameters, 2.6 GiB per rank)."""
+    (so only the writer ever holds a whole fp32 model: at 675M parameters, 2.6 GiB per rank).
+
+    A tensor the optimizer does not own (frozen parameter, buffer) is gathered too (ZeRO-3
+    partitions a frozen parameter above its persistence threshold: DiT-XL/2's pos_embed, 295k
+    elements, read as an empty tensor without the gather) and written as it was built, in fp32,
+    when its live value is that value cast to the module's dtype (so nothing has changed it);
+    otherwise its live value."""
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     model = engine.module.model
     params = dict(model.named_parameters())
+    exact = getattr(engine, "neon_untrained", {})
+    zero3 = engine.zero_optimization_stage() == 3
     out = {}
     for name, value in model.state_dict().items():
-        if name in params:
-            full = safe_get_full_fp32_param(params[name])
-            value = full if full is not None else params[name].detach()
+        p = params.get(name)
+        if p is not None and p.requires_grad:
+            full = safe_get_full_fp32_param(p)
+            value = (full if full is not None else p.detach()).float()
+        elif p is not None:
+            with deepspeed.zero.GatheredParameters([p], enabled=zero3 and hasattr(p, "ds_id")):
+                value = p.detach().clone()
+        built = exact.get(name)
+        if built is not None and built.shape == value.shape and torch.equal(built.to(value.dtype), value):
+            value = built
+        elif value.is_floating_point():
             value = value.float()
         if keep:
             out[name] = value.detach().cpu().clone()

@@ -21,9 +21,9 @@ import pathlib
 import shutil
 
 from .. import dist
-from ..ckpt_files import LATEST, MODULE_PREFIX, TAG_RE, read_latest, tag_of, trainer_file
+from ..ckpt_files import LATEST, MODULE_PREFIX, TAG_RE, read_latest, tag_of, trainer_file, untrained_file
 from ..errors import DISK_FULL, NeonError, first_line
-from ..io import read_json, write_json, write_text
+from ..io import read_json, save_state_dict, write_json, write_text
 from .reshard import load_resharded
 
 def _tags(ckpt_dir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
@@ -59,6 +59,9 @@ def save(engine, ckpt_dir: pathlib.Path, step: int, trainer_state: dict, ema=Non
         raise NeonError(_save_failure(tag_dir, e)) from None
     if ema is not None:
         ema.save(tag_dir)
+    untrained = getattr(engine, "neon_untrained", None)
+    if untrained and dist.is_main():
+        save_state_dict(untrained_file(tag_dir), {k: v.contiguous() for k, v in untrained.items()})
     write_json(trainer_file(tag_dir, dist.rank()), {**trainer_state, "step": step, "world": dist.world(),
                                                     "module_prefix": MODULE_PREFIX})
     dist.barrier()  # every rank's files are on disk
