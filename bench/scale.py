@@ -51,8 +51,9 @@ Time and memory to expect (2 cores, 24 GiB; a quiet machine, OMP_NUM_THREADS=1 p
                   sweep: a 675M model at 256 tokens is ~0.1-0.3 TFLOP per image per step on 2 cores),
                   peak per training rank ~ 16-20 P / W bytes + the fp32 model built on every rank
                   before DeepSpeed partitions it: ~6-10 GiB per rank for 675M; xAR-H about twice that
-                  (two ranks of ~12-18 GiB: it may not fit in 24 GiB). Disk: ~30 GB per 600M model
-                  (DeepSpeed checkpoint with optimizer states, theta_s, exports, merges).
+                  (two ranks of ~12-18 GiB: it may not fit in 24 GiB). Disk: ~20 GB per 600M model at
+                  a time (DeepSpeed checkpoint with optimizer states, theta_s; each export, consolidation and
+                  merge output is removed once its stage is measured).
 Stages already measured in --work (results.json) are skipped, so an interrupted bench resumes;
 --redo STAGE[,STAGE] measures stages again.
 
@@ -280,6 +281,12 @@ def stage_command(stage: str, name: str, cfg: str, sets: list[str], run_dir: pat
     raise ValueError(stage)
 
 
+# What the export, consolidate and merge stages write (under the model's folder) and no later stage
+# reads: removed once the stage is measured, so that a 600M model's bench fits in ~20 GB of disk.
+STAGE_OUTPUTS = {"export": ("theta_s.pt", "theta_s.pth"), "consolidate": ("consolidated",),
+                 "consolidate_ema": ("consolidated-ema",), "merge": ("merged",), "merge_zero": ("merged-zero",)}
+
+
 def bench_model(name: str, scale: str, work: pathlib.Path, assets: pathlib.Path, results: dict, redo: set,
                 save) -> bool:
     """Every stage of one model, each measured and saved as it ends; False when a stage failed."""
@@ -319,10 +326,15 @@ def bench_model(name: str, scale: str, work: pathlib.Path, assets: pathlib.Path,
             print(f"  {stage:<16} FAILED: {e}", flush=True)
             return False
         entry["stages"][stage] = {"wall_s": wall, "peak_rss_mib": rss}
+        for made in STAGE_OUTPUTS.get(stage, ()):  # read by no later stage: the disk back (~8 GB a merge)
+            target = model_dir / made
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
         if os.environ.get("MALLOC_MMAP_THRESHOLD_"):  # glibc's heap setting changes the peaks: kept with them
             entry["stages"][stage]["malloc_mmap_threshold"] = int(os.environ["MALLOC_MMAP_THRESHOLD_"])
         save()
         print(f"  {stage:<16} {wall:.1f} s, peak RSS {' / '.join(f'{m:,.0f}' for m in rss)} MiB", flush=True)
+    if scale == "full":  # every stage measured: the run's ~15 GB (checkpoint, theta_s) for the next model
+        shutil.rmtree(model_dir / "run", ignore_errors=True)
     return True
 
 
