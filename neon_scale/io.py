@@ -362,62 +362,6 @@ def check_keys(expected: list[str], found: list[str], source: str, official: boo
     return extra
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-def _safetensors_header(f, path: pathlib.Path) -> tuple[dict, int]:
-    """({key: (dtype, shape, begin, end)}, where the data starts) of an open safetensors file."""
-    size = os.fstat(f.fileno()).st_size
-    raw = f.read(8)
-    n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-    if not 0 < n <= size - 8:
-        raise NeonError(f"{path}: cannot read safetensors file (bad header length)")
-    try:
-        header = json.loads(f.read(n))
-        out = {k: (_ST_DTYPES[v["dtype"]], tuple(v["shape"]), *v["data_offsets"])
-               for k, v in header.items() if k != "__metadata__"}
-    except (ValueError, KeyError, TypeError) as e:
-        raise NeonError(f"{path}: cannot read safetensors file (bad header: {e})") from None
-    if any(not 0 <= b <= e <= size - 8 - n for _, _, b, e in out.values()):
-        raise NeonError(f"{path}: cannot read safetensors file (a tensor lies beyond the end of the file)")
-    return out, 8 + n
-
-
-def load_file_into(module: torch.nn.Module, path: str | os.PathLike) -> None:
-    """`load_into(module, load_state_dict(path), path)` for our own files without a second copy of
-    the model in memory: each tensor of a safetensors file is read (plain reads, no mmap: a mapped
-    file's pages would count in the process's memory as a second model) straight into the module's
-    own tensor, through a buffer of that tensor's size only where the dtype differs. Peak: the model
-    + its largest tensor, not twice the model (2.6 GiB less per process for DiT-XL/2). Keys and
-    shapes are all checked before the first byte is copied."""
-    path = pathlib.Path(path)
-    if path.suffix in (".pt", ".pth", ".ckpt", ".bin") or not path.is_file():
-        load_into(module, load_state_dict(path), str(path))
-        return
-    own = module.state_dict()
-    with disk_errors(path), open(path, "rb") as f:
-        entries, data = _safetensors_header(f, path)
-        check_keys(list(own), list(entries), str(path))
-        for k, v in own.items():
-            dtype, shape, begin, end = entries[k]
-            if shape != tuple(v.shape):
-                raise NeonError(f"{path}: key '{k}' has shape {shape}, the model expects {tuple(v.shape)}")
-            if end - begin != math.prod(shape) * dtype.itemsize:
-                raise NeonError(f"{path}: cannot read safetensors file (key '{k}' holds {end - begin} bytes)")
-        with torch.no_grad():
-            for k, v in own.items():
-                dtype, shape, begin, end = entries[k]
-                direct = v.dtype == dtype and v.is_contiguous()
-                into = v if direct else torch.empty(shape, dtype=dtype)
-                f.seek(data + begin)
-                if f.readinto(into.view(-1).view(torch.uint8).numpy()) != end - begin:
-                    raise NeonError(f"{path}: cannot read safetensors file (truncated at key '{k}')")
-                if not direct:
-                    v.copy_(into)  # cast to the module's dtype
-
-
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
               official: bool = False) -> dict[str, torch.Tensor]:
     """Load with one clear line for a missing or mis-shaped key; an unexpected key is an error for

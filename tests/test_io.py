@@ -1,5 +1,5 @@
-"""io: atomic writes (complete files only, with the usual permissions, not mkstemp's private 0600), and
-our weights loaded one tensor at a time (load_file_into)."""
+"""io: atomic writes (complete files only, with the usual permissions, not mkstemp's private 0600); and
+our weights loaded into a model one tensor at a time (merge.sources.load_file_into)."""
 import os
 
 import pytest
@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from neon_scale.errors import NeonError
-from neon_scale.io import load_file_into, load_into, load_state_dict, write_json, write_text
+from neon_scale.io import load_into, load_state_dict, write_json, write_text
+from neon_scale.merge.sources import load_file_into
 
 
 def test_atomic_write_mode_follows_the_umask(tmp_path):
@@ -62,7 +63,7 @@ def test_load_file_into_refuses_before_copying(tmp_path, change, message):
 
 def test_load_file_into_a_broken_file(tmp_path):
     (tmp_path / "w.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(NeonError, match="cannot read safetensors file"):
+    with pytest.raises(NeonError, match="not a valid safetensors file"):
         load_file_into(_net(), tmp_path / "w.safetensors")
 
 
@@ -70,5 +71,5 @@ def test_load_file_into_a_truncated_file(tmp_path):
     save_file({k: v.contiguous() for k, v in _net().state_dict().items()}, str(tmp_path / "w.safetensors"))
     data = (tmp_path / "w.safetensors").read_bytes()
     (tmp_path / "w.safetensors").write_bytes(data[:-4])
-    with pytest.raises(NeonError, match="beyond the end of the file"):
+    with pytest.raises(NeonError, match="truncated safetensors file"):
         load_file_into(_net(), tmp_path / "w.safetensors")

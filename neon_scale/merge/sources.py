@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NeonError
-from ..io import load_torch_checkpoint
+from ..io import check_keys, load_into, load_state_dict, load_torch_checkpoint
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -129,6 +129,27 @@ class SafetensorsSource(TensorSource):
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def load_file_into(module: torch.nn.Module, path: str | pathlib.Path) -> None:
+    """`io.load_into(module, io.load_state_dict(path), path)` for our own weights files without a
+    second copy of the model in memory: a safetensors file is read a tensor at a time with positioned
+    reads (SafetensorsSource: no mmap, whose pages would count as a second model in the process's
+    memory) and copied into the module's own tensors. Peak: the model + its largest tensor, not twice
+    the model (2.6 GiB less per process for DiT-XL/2). Keys and shapes are all checked first."""
+    path = pathlib.Path(path)
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin") or not path.is_file():
+        load_into(module, load_state_dict(path), str(path))
+        return
+    own = module.state_dict()
+    with SafetensorsSource(path) as src:
+        check_keys(list(own), src.keys(), str(path))
+        for k, v in own.items():
+            if src.meta(k).shape != tuple(v.shape):
+                raise NeonError(f"{path}: key '{k}' has shape {src.meta(k).shape}, the model expects {tuple(v.shape)}")
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(src.get(k))  # the module's parameter/buffer storage, cast to its dtype
 
 
 def _read_header(fpath: pathlib.Path) -> dict[str, tuple[int, TensorMeta]]:

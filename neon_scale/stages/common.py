@@ -19,7 +19,8 @@ import torch
 from .. import dist
 from ..config import Config
 from ..console import log
-from ..io import load_file_into, read_json, write_json, write_text
+from ..io import read_json, write_json, write_text
+from ..merge.sources import load_file_into
 from ..specs.base import ModelSpec
 from ..specs.registry import get_spec
 

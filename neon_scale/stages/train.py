@@ -24,11 +24,13 @@ from ..console import log, progress
 from ..data.stream import MicroBatchLoader
 from ..config import TrainConfig
 from ..errors import NeonError
-from ..io import disk_errors, save_state_dict, write_json, write_text
+from ..io import atomic_path, disk_errors, write_json, write_text
+from ..merge.sources import TensorMeta
+from ..merge.writer import StreamingSafetensorsWriter
 from ..train import train_state
 from ..train.ema import PartitionEMA
 from ..train.deepspeed_config import micro_batch_size
-from ..train.deepspeed_engine import full_fp32_state_dict, initialize, trim_heap
+from ..train.deepspeed_engine import fp32_layout, fp32_tensors, initialize
 from ..tracking import Tracker, open_tracker
 from .common import RunContext, StageDir
 
@@ -227,15 +229,22 @@ def _report_status(run: _Run, done: int, loss_sum: float, norm: float | None, th
 
 
 def _export_weights(run: _Run, done: int, export: Callable[[int], pathlib.Path]) -> None:
-    """theta at a save step as fp32 safetensors (the EMA when on): every rank takes part in the
-    gathers, rank 0 alone keeps and writes the result."""
+    """theta at a save step as fp32 safetensors (the EMA when on): every rank takes part in each
+    tensor's gather; rank 0 streams them to the file one at a time (never a whole model in memory)."""
     ema = run.ema
+    metadata = {"step": done, "sampler": run.tag, "weights": "ema" if ema else "model"}
     with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-        state_dict = full_fp32_state_dict(run.engine, keep=dist.is_main())
-    if dist.is_main():
-        save_state_dict(export(done), state_dict, {"step": done, "sampler": run.tag, "weights": "ema" if ema else "model"})
-    del state_dict
-    trim_heap()  # rank 0's gathered fp32 model, freed: back to the OS, not kept for the rest of the run
+        tensors = fp32_tensors(run.engine)
+        if not dist.is_main():
+            for _ in tensors:  # the gathers are collective
+                pass
+            return
+        layout = [(name, TensorMeta(shape, dtype)) for name, shape, dtype in fp32_layout(run.engine)]
+        with atomic_path(export(done)) as tmp:
+            writer = StreamingSafetensorsWriter(tmp, layout, metadata)
+            for name, value in tensors:
+                writer.write(name, value)
+            writer.close()
 
 
 def _crossed_checkpoint(cfg: TrainConfig, step: int) -> bool:

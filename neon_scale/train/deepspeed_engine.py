@@ -1,6 +1,6 @@
 """The DeepSpeed engine for fine-tuning: `initialize` wraps the model in `LossModule`, so
-`engine(batch, gen)` is the model's training loss; `full_fp32_state_dict` exports the fp32 master
-weights (whatever the ZeRO stage and dtype) with DeepSpeed's public `safe_get_full_fp32_param`.
+`engine(batch, gen)` is the model's training loss; `fp32_tensors` gives the fp32 master weights a
+tensor at a time (whatever the ZeRO stage and dtype) with DeepSpeed's public `safe_get_full_fp32_param`.
 
 DeepSpeed's checkpoint engine unpickles whatever a checkpoint holds (`torch.load(weights_only=False)`)
 when a run resumes; ours reads through `io.torch_load` and its allow-list instead, so a pickle planted
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -89,16 +90,29 @@ def _untrained(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def full_fp32_state_dict(engine, keep: bool = True) -> dict[str, torch.Tensor]:
-    """The model's state dict with fp32 master weights. Collective under ZeRO-3: every rank takes
-    part in each tensor's gather; a rank with keep=False drops each tensor at once and returns {}
-    (so only the writer ever holds a whole fp32 model: at 675M parameters, 2.6 GiB per rank).
+def fp32_layout(engine) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, full shape, dtype) of every tensor `fp32_tensors` yields, in its order, without
+    gathering anything (ZeRO-3 keeps a partitioned parameter's full shape in ds_shape)."""
+    model = engine.module.model
+    params = dict(model.named_parameters())
+    out = []
+    for name, value in model.state_dict().items():
+        p = params.get(name)
+        shape = tuple(p.ds_shape) if p is not None and hasattr(p, "ds_shape") else tuple(value.shape)
+        out.append((name, shape, torch.float32 if value.is_floating_point() else value.dtype))
+    return out
+
+
+def fp32_tensors(engine) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's state dict with fp32 master weights, one (name, tensor) at a time: a writer
+    streams them to disk and never holds the whole model. Collective under ZeRO-3: every rank must
+    run the generator to its end (each tensor is gathered from every rank's partition).
 
     A tensor the optimizer does not own (frozen parameter, buffer) is gathered too (ZeRO-3
     partitions a frozen parameter above its persistence threshold: DiT-XL/2's pos_embed, 295k
-    elements, read as an empty tensor without the gather) and written as it was built, in fp32,
+    elements, read as an empty tensor without the gather) and given as it was built, in fp32,
     when its live value is that value cast to the module's dtype (so nothing has changed it);
-    otherwise its live value."""
+    otherwise its live value (floating ones in fp32)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -106,7 +120,6 @@ def full_fp32_state_dict(engine, keep: bool = True) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     exact = getattr(engine, "neon_untrained", {})
     zero3 = engine.zero_optimization_stage() == 3
-    out = {}
     for name, value in model.state_dict().items():
         p = params.get(name)
         if p is not None and p.requires_grad:
@@ -120,6 +133,9 @@ def full_fp32_state_dict(engine, keep: bool = True) -> dict[str, torch.Tensor]:
             value = built
         elif value.is_floating_point():
             value = value.float()
-        if keep:
-            out[name] = value.detach().cpu().clone()
-    return out
+        yield name, value.detach().cpu()
+
+
+def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
+    """`fp32_tensors` as one dict (collective under ZeRO-3), each tensor a copy of its own."""
+    return {name: value.clone() for name, value in fp32_tensors(engine)}
