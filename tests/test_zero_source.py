@@ -168,3 +168,37 @@ def test_neon_consolidate_errors(ckpts, tmp_path):
     proc = neon("consolidate", str(ckpts / case_name(2, "fp32")), "-o", str(tmp_path / "out"), "--tag", "nope")
     assert_one_line_error(proc, "nope", exit_code=2)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pages of mmapped partitions already read are given back (the reader's RSS stays ~ one tensor)
+
+
+def _mapped_rss_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                inside = len(head) >= 6 and head[5] == str(path)
+            elif inside and head and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/smaps").is_file(), reason="needs Linux /proc")
+def test_drop_pages_gives_back_read_pages_and_never_touches_anonymous_memory(tmp_path):
+    from neon_scale.merge.zero import _drop_pages
+
+    torch.save({"flat": torch.arange(2_000_000, dtype=torch.float32)}, tmp_path / "part.pt")
+    t = torch.load(tmp_path / "part.pt", mmap=True, weights_only=True)["flat"]
+    assert float(t.double().sum()) == float(torch.arange(2_000_000, dtype=torch.float64).sum())  # every page read
+    before = _mapped_rss_kib((tmp_path / "part.pt").resolve())
+    assert before >= 7_000  # ~7.6 MiB of file pages resident
+    _drop_pages([t[1000:], t[:1000]], tmp_path)
+    assert _mapped_rss_kib((tmp_path / "part.pt").resolve()) < 100
+    assert torch.equal(t, torch.arange(2_000_000, dtype=torch.float32))  # read again from the file
+    anon = torch.arange(2_000_000, dtype=torch.float32)
+    _drop_pages([anon], tmp_path)  # not a mapping of the folder's files: untouched (DONTNEED would zero it)
+    assert torch.equal(anon, torch.arange(2_000_000, dtype=torch.float32))

@@ -96,7 +96,7 @@ class SafetensorsSource(TensorSource):
         for fpath in files:
             if not fpath.is_file():
                 raise NeonError(f"{fpath}: file not found (listed in {self.name})")
-            for key, (offset, meta) in _read_header(fpath).items():
+            for key, (offset, meta) in read_header(fpath).items():
                 self._entries[key] = (fpath, offset, meta)
         if weight_map is not None:
             missing = [k for k in weight_map if k not in self._entries]
@@ -152,7 +152,7 @@ def load_file_into(module: torch.nn.Module, path: str | pathlib.Path) -> None:
                 v.copy_(src.get(k))  # the module's parameter/buffer storage, cast to its dtype
 
 
-def _read_header(fpath: pathlib.Path) -> dict[str, tuple[int, TensorMeta]]:
+def read_header(fpath: pathlib.Path) -> dict[str, tuple[int, TensorMeta]]:
     """key -> (absolute byte offset, meta). Checked as the safetensors library checks a file: a
     JSON object; known dtypes; shapes of non-negative integers; every tensor's byte range exactly
     numel x itemsize; the ranges sorted, contiguous from 0, not overlapping, and ending exactly at

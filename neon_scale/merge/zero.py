@@ -41,8 +41,10 @@ cast (nothing changed it): DiT's pos_embed and xAR's RoPE tables are not rounded
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
 import pathlib
 import re
 from dataclasses import dataclass
@@ -53,7 +55,7 @@ from safetensors import safe_open
 from ..ckpt_files import LATEST, ema_file, read_latest, trainer_file, untrained_file
 from ..errors import NeonError
 from ..io import torch_load
-from .sources import TensorMeta, TensorSource
+from .sources import TensorMeta, TensorSource, read_header
 
 OPTIM_RE = re.compile(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 
@@ -105,17 +107,61 @@ def is_zero_checkpoint(path: pathlib.Path, tag: str | None) -> bool:
 
 
 class _SafetensorsFlat:
-    """A 1-D tensor of an open safetensors file, read a slice at a time (never whole)."""
+    """A 1-D tensor of an open safetensors file, read a slice at a time with positioned reads (never
+    whole, and no mmap: the pages of a mapped file stay resident once read)."""
 
-    def __init__(self, handle, key: str):
-        self._slice = handle.get_slice(key)
-        self._numel = math.prod(self._slice.get_shape())
+    def __init__(self, handle, offset: int, meta: TensorMeta):
+        self._file, self._offset, self._dtype = handle, offset, meta.dtype
+        self._numel = math.prod(meta.shape)
 
     def numel(self) -> int:
         return self._numel
 
     def slice(self, lo: int, hi: int) -> torch.Tensor:
-        return self._slice[lo:hi]
+        out = torch.empty(max(hi - lo, 0), dtype=self._dtype)
+        if out.numel():
+            self._file.seek(self._offset + lo * out.element_size())
+            if self._file.readinto(memoryview(out.view(torch.uint8).numpy())) != out.numel() * out.element_size():
+                raise NeonError(f"{self._file.name}: truncated EMA partition")
+        return out
+
+
+def _checkpoint_mappings(d: pathlib.Path) -> list[tuple[int, int]]:
+    """Address ranges this process maps from files in checkpoint folder `d` (/proc/self/maps)."""
+    prefix = str(d.resolve()) + "/"
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n").startswith(prefix):
+                    lo, hi = parts[0].split("-")
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return out
+
+
+def _drop_pages(pieces: list, d: pathlib.Path) -> None:
+    """Unmap the pages of mmapped checkpoint data already copied out (madvise MADV_DONTNEED; they are
+    clean file pages, read again from the page cache if touched again): otherwise every page read
+    stays resident, and reading a whole checkpoint brings the process to the checkpoint's size (2.8
+    GiB for DiT-XL/2's partitions; the bound is 2 x the largest tensor). Only pages inside a mapping
+    of a file of `d`, checked now, are touched: never anonymous memory, which MADV_DONTNEED zeroes."""
+    views = [t for t in pieces if isinstance(t, torch.Tensor) and t.numel()]
+    if not views or not hasattr(os, "sysconf"):
+        return
+    maps = _checkpoint_mappings(d)
+    if not maps:
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    libc = ctypes.CDLL(None, use_errno=True)
+    for t in views:
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        a, b = start - start % page, -(-end // page) * page
+        if any(lo <= a and b <= hi for lo, hi in maps):
+            libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)  # 4: MADV_DONTNEED
 
 
 def _pieces(parts: list, lo: int, hi: int) -> list[torch.Tensor]:
@@ -290,12 +336,13 @@ class ZeroCheckpointSource(TensorSource):
                 path = ema_file(self._dir, r)
                 if not path.is_file():
                     raise NeonError(f"{path}: no EMA partition in this checkpoint (trained without train.ema_decay?)")
-                try:
-                    handle = safe_open(str(path), framework="pt")
-                    self._ema_handles.append(handle)
-                    groups = [_SafetensorsFlat(handle, f"group{g}") for g in range(len(masters))]
-                except Exception as e:  # noqa: BLE001  (safetensors' errors of every kind: one line)
-                    raise NeonError(f"{path}: cannot read the EMA partition ({type(e).__name__}: {e})") from None
+                header = read_header(path)  # one line for a file that is not a whole safetensors file
+                missing = [f"group{g}" for g in range(len(masters)) if f"group{g}" not in header]
+                if missing:
+                    raise NeonError(f"{path}: cannot read the EMA partition (no tensor '{missing[0]}')")
+                handle = open(path, "rb")
+                self._ema_handles.append(handle)
+                groups = [_SafetensorsFlat(handle, *header[f"group{g}"]) for g in range(len(masters))]
                 for g, (e, m) in enumerate(zip(groups, masters)):
                     if not self._like_partition(e.numel(), m.numel(), r):
                         raise NeonError(f"{path}: EMA group{g} holds {e.numel()} elements, the fp32 partition "
@@ -485,9 +532,13 @@ class ZeroCheckpointSource(TensorSource):
             raise NeonError(f"{self.name}: '{key}' needs {numel} elements, the partitions hold {have}")
         if numel == 0:
             return torch.empty(meta.shape, dtype=meta.dtype)
-        return torch.cat(_pieces(pieces, 0, numel)).view(meta.shape)
+        out = torch.cat(_pieces(pieces, 0, numel)).view(meta.shape)
+        _drop_pages(pieces, self._dir)
+        return out
 
     def close(self) -> None:
         # drop the mmapped tensors and the open EMA files
+        for handle in self._ema_handles:
+            handle.close()
         self._flat, self._masters, self._models, self._optim, self._states = [], [], [], [], {}
         self._ema, self._ema_handles = None, []
