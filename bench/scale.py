@@ -15,7 +15,8 @@ command in its own processes:
   merge_zero    neon merge BASE CKPT --ema --w 0.5 --w 1 --w 1.5  (straight from the ZeRO-3 partitions)
   sweep         2 ranks (torchrun)                grid w in {0, 1} (two points), eval.n = 4, random
                                                   Inception weights and reference statistics
-                                                  (tools/make_tiny_assets.py)
+                                                  (tools/make_tiny_assets.py); no samples.png (its
+                                                  160 samples would take ~45 min at full size)
 
 --scale small runs the same configs with depth and width overridden (a few million parameters,
 the image size and so the sequence length unchanged, the same stages and settings): a check of the
@@ -198,7 +199,7 @@ def overrides(name: str, scale: str, assets: pathlib.Path) -> list[str]:
         f"eval.inception_weights={assets / 'inception-random.pth'}", f"eval.ref_stats={assets / 'ref-stats.npz'}",
         "sweep.mode=grid", "sweep.w_min=0", "sweep.w_max=1", "sweep.w_step=1", "sweep.refine_w=0",
         "sweep.refine_guidance=0", "sweep.guidance_key=null", "sweep.guidance=[]", "sweep.final_n=null",
-        "sweep.repeats=0", "run.tensorboard=false",
+        "sweep.repeats=0", "sweep.samples_png=false", "run.tensorboard=false",
     ]
     if scale == "small":
         sets += [f"model.args.{k}={v}" for k, v in m["small"].items()]

@@ -148,6 +148,9 @@ class SweepConfig:
     race: RaceConfig = field(default_factory=RaceConfig)
     repeats: int = setting(0, min=0, help="re-evaluate w = 0 and the best w (each at its best guidance) with this many "
                                      "fresh evaluation seeds: mean and standard error of both and of the difference")
+    samples_png: bool = setting(True, help="image models: samples.png, w = 0 and each checkpoint's best w, 8 samples of "
+                                           "each of the first 10 classes (80 per panel: on a CPU at full size, more "
+                                           "than a small sweep itself; false skips it)")
 
     def w_grid(self) -> list[float]:
         if not (self.w_step > 0 and math.isfinite(self.w_step)) or self.w_min > self.w_max:

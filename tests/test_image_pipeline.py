@@ -76,6 +76,22 @@ def test_every_stage_completes_with_in_memory_fid(one_rank):
     assert summary and all(np.isfinite(e["best_metric"]) and e["best_metric"] > 0 for e in summary)
     rows = [json.loads(line) for line in (run_dir / "sweep" / "results.jsonl").read_text().splitlines()]
     assert {r["w"] for r in rows} == {0.0, 1.0} and len({r["metric"] for r in rows}) > 1
+    assert (run_dir / "sweep" / "samples.png").is_file()
+
+
+def test_sweep_without_samples_png(one_rank, tiny_assets, tmp_path):
+    """sweep.samples_png=false: the same sweep (its points from the cache) without the picture."""
+    name, run_dir = one_rank
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    for f in ("done.json", "summary.json", "samples.png"):
+        (copy / "sweep" / f).unlink()
+    proc = neon("sweep", "--config", str(CONFIGS[name]), "--run-dir", str(copy), *tiny_assets,
+                "--set", "sweep.samples_png=false", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (copy / "sweep" / "summary.json").is_file() and not (copy / "sweep" / "samples.png").exists()
+    assert json.loads((copy / "sweep" / "summary.json").read_text())[0]["best_w"] == \
+        json.loads((run_dir / "sweep" / "summary.json").read_text())[0]["best_w"]
 
 
 def test_best_model_reproduces_the_sweeps_metric(one_rank, tiny_assets):

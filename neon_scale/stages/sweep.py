@@ -300,7 +300,7 @@ def _sweep(ctx: RunContext, stage: StageDir, metric_name: str, tracker: Tracker)
             extrapolator = None
             extrapolator = Extrapolator(module_slots(model, base_state, load_state_dict(ckpt["path"]), consume=True))
             entry = _sweep_checkpoint(ctx, points, ckpt, extrapolator)
-            if ctx.spec.makes_images and dist.is_main():  # drawn now: each Delta is held only in its turn
+            if ctx.spec.makes_images and ctx.cfg.sweep.samples_png and dist.is_main():  # now: one Delta at a time
                 _add_panels(pictures, ctx, model, extrapolator, ckpt, entry)
             summary.append(entry)
             _summary_scalars(tracker, entry, metric_name)
