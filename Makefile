@@ -58,11 +58,12 @@ bench-gpu-check: install
 	OMP_NUM_THREADS=1 $(RUN) $(PY) bench/gpu_check.py --out runs/gpu_check.json
 
 # every stage at the real sizes (DiT-XL/2, xAR-L, xAR-H with random weights; ZeRO-3 bf16 on 2 ranks): wall time and
-# peak RSS per rank beside the ZeRO formula and the merge bound (bench/scale.py --help; hours on 2 cores, a quiet
-# machine with 24 GiB; resumable in runs/bench-scale-full; not part of `make test`). BENCH_SCALE_ARGS="--scale small"
+# peak RSS per rank beside the ZeRO formula and the merge bound (bench/scale.py --help; ~25 min on 2 cores, a quiet
+# machine with 24 GiB, where xAR-H is skipped with the memory it would need; glibc's heap set to give freed
+# tensors back; resumable in runs/bench-scale-full; not part of `make test`). BENCH_SCALE_ARGS="--scale small"
 # checks the bench itself in minutes.
 bench-scale: install
-	OMP_NUM_THREADS=1 $(RUN) $(PY) bench/scale.py --models dit_xl2,xar_l,xar_h --out runs/bench-scale.json $(BENCH_SCALE_ARGS)
+	MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=1 $(RUN) $(PY) bench/scale.py --models dit_xl2,xar_l,xar_h --out runs/bench-scale.json $(BENCH_SCALE_ARGS)
 
 # our DiT / xAR samplers and training steps against the official code on the same small weights
 # (bench/official.py --help; about 7 min on 2 cores). Needs your checkouts of facebookresearch/DiT and

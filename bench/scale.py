@@ -48,13 +48,15 @@ Bounds printed beside (MiB; "within" compares each rank's peak):
 
 Time and memory to expect (2 cores, 24 GiB; a quiet machine, OMP_NUM_THREADS=1 per rank):
   --scale small   all three models in about 5-10 minutes, under 1 GiB per process.
-  --scale full    DiT-XL/2 or xAR-L: roughly 30-60 minutes each (most of it sampling in synth and
-                  sweep: a 675M model at 256 tokens is ~0.1-0.3 TFLOP per image per step on 2 cores),
-                  peak per training rank ~ 16-20 P / W bytes + the fp32 model built on every rank
-                  before DeepSpeed partitions it: ~6-10 GiB per rank for 675M; xAR-H about twice that
-                  (two ranks of ~12-18 GiB: it may not fit in 24 GiB). Disk: ~20 GB per 600M model at
-                  a time (DeepSpeed checkpoint with optimizer states, theta_s; each export, consolidation and
-                  merge output is removed once its stage is measured).
+  --scale full    DiT-XL/2 or xAR-L: about 12 minutes each (measured 2026-12-01; train ~3-4 min, synth
+                  ~2 min, the sweep's 8 samples ~3 min). Training ranks peak at ~8.4 GiB each for 675M
+                  parameters with MALLOC_MMAP_THRESHOLD_=65536 in the environment (~9.8 GiB without: glibc
+                  keeps freed tensors under its dynamic mmap threshold in the heap), so run the bench with
+                  it on a 24 GiB machine. xAR-H (1.19B) does not fit: ~14 GiB per rank on 2 ranks, and
+                  20 bytes per parameter (24 GiB) on one. Disk: ~20 GB per 600M model at a time
+                  (DeepSpeed checkpoint with optimizer states, theta_s; each export, consolidation and
+                  merge output is removed once its stage is measured, the run once the model is done).
+  MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=1 python bench/scale.py --models dit_xl2,xar_l
 Stages already measured in --work (results.json) are skipped, so an interrupted bench resumes;
 --redo STAGE[,STAGE] measures stages again.
 
@@ -288,8 +290,28 @@ STAGE_OUTPUTS = {"export": ("theta_s.pt", "theta_s.pth"), "consolidate": ("conso
                  "consolidate_ema": ("consolidated-ema",), "merge": ("merged",), "merge_zero": ("merged-zero",)}
 
 
+def mem_total_mib() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemTotal:")) / 1024
+
+
+def train_fits(name: str, results: dict, baseline: dict) -> str | None:
+    """None when WORLD training ranks of `name` should fit in this machine's memory, else why not:
+    each rank's bound (the ZeRO formula + activations + DeepSpeed's buffers + the baseline) times the
+    largest measured/bound ratio of the models trained so far (1 before any), against MemTotal."""
+    ratios = [max(e["stages"]["train"]["peak_rss_mib"]) / bounds(e["info"], baseline["train"], baseline["merge"])["train"]
+              for e in results.values() if "peak_rss_mib" in e.get("stages", {}).get("train", {})]
+    ratio = max(ratios, default=1.0)
+    need = bounds(results[name]["info"], baseline["train"], baseline["merge"])["train"] * max(ratio, 1.0)
+    total = mem_total_mib()
+    if WORLD * need <= 0.95 * total:
+        return None
+    return (f"does not fit: training needs ~{need / 1024:,.1f} GiB per rank x {WORLD} ranks (the bound x {ratio:.2f}, "
+            f"the measured ratio of the models trained here) > {total / 1024:,.1f} GiB")
+
+
 def bench_model(name: str, scale: str, work: pathlib.Path, assets: pathlib.Path, results: dict, redo: set,
-                save) -> bool:
+                save, baseline: dict) -> bool:
     """Every stage of one model, each measured and saved as it ends; False when a stage failed."""
     model_dir = work / name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -306,6 +328,12 @@ def bench_model(name: str, scale: str, work: pathlib.Path, assets: pathlib.Path,
     print(f"\n{name} ({scale}): {info['params'] / 1e6:,.1f}M parameters, fp32 model "
           f"{4 * info['state_numel'] / MiB:,.0f} MiB, largest tensor {4 * info['largest'] / MiB:,.1f} MiB, "
           f"{info['blocks']} blocks x width {info['width']}, {info['tokens']} tokens", flush=True)
+    entry.pop("skipped", None)
+    if scale == "full" and (why := train_fits(name, results, baseline)):  # an OOM would take the machine down
+        entry["skipped"] = why
+        save()
+        print(f"  skipped: {why}", flush=True)
+        return True
     for stage in STAGES:
         done = entry["stages"].get(stage)
         if done and "failed" not in done and stage not in redo:
@@ -348,6 +376,9 @@ def table(results: dict, scale: str) -> str:
     for name, entry in results["models"].items():
         info = entry.get("info")
         if not info:
+            continue
+        if "skipped" in entry:
+            lines.append(f"| {name} | all | {info['params'] / 1e6:,.1f}M | skipped: {entry['skipped']} | | | | |")
             continue
         bound = bounds(info, base_train, base_merge)
         for stage in STAGES:
@@ -419,7 +450,8 @@ def main(argv=None) -> int:
         save()
     print(f"baseline RSS (import only): trainer {results['baseline_mib']['train']:,.0f} MiB, merge/consolidate/"
           f"export {results['baseline_mib']['merge']:,.0f} MiB", flush=True)
-    ok = [bench_model(name, args.scale, work, assets, results["models"], redo, save) for name in models]
+    ok = [bench_model(name, args.scale, work, assets, results["models"], redo, save, results["baseline_mib"])
+          for name in models]
     print("\n" + table(results, args.scale))
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
