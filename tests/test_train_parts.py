@@ -30,3 +30,21 @@ def test_activation_checkpointing_gives_the_same_gradients():
         loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_ema_exchange_swaps_in_place_a_chunk_at_a_time(monkeypatch):
+    """PartitionEMA.swapped_in's exchange: exact both ways, whatever the chunking (chunks of 3 here
+    over tensors of 10 and 3 elements: whole, partial and exact last chunks)."""
+    from neon_scale.train import ema
+
+    monkeypatch.setattr(ema, "SWAP_CHUNK", 3)
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.randn(10, generator=gen), torch.randn(3, generator=gen)]
+    b = [torch.randn(10, generator=gen), torch.randn(3, generator=gen)]
+    a0, b0 = [t.clone() for t in a], [t.clone() for t in b]
+    ptrs = [t.data_ptr() for t in a + b]
+    ema._exchange(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(a + b, b0 + a0))
+    assert [t.data_ptr() for t in a + b] == ptrs  # in place: DeepSpeed's views of the masters stay valid
+    ema._exchange(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(a + b, a0 + b0))

@@ -71,15 +71,26 @@ class PartitionEMA:
     @contextlib.contextmanager
     def swapped_in(self):
         """The EMA in place of the master weights (e.g. to export it with DeepSpeed's gather);
-        the masters are restored on exit. Costs one partition-sized copy, not a model."""
+        the masters are restored on exit. The two are exchanged in place, a chunk at a time (copies:
+        exact both ways), so it costs SWAP_CHUNK elements, not a copy of the partition (1.3 GiB per
+        rank for DiT-XL/2 on 2 ranks: the training stage's peak)."""
         masters = self.masters
-        saved = [m.clone() for m in masters]
         try:
-            with torch.no_grad():
-                for m, s in zip(masters, self.shadow):
-                    m.copy_(s)
+            _exchange(masters, self.shadow)
             yield
         finally:
-            with torch.no_grad():
-                for m, s in zip(masters, saved):
-                    m.copy_(s)
+            _exchange(masters, self.shadow)
+
+
+SWAP_CHUNK = 1 << 22  # elements (16 MiB in fp32)
+
+
+@torch.no_grad()
+def _exchange(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    """Swap the contents of each pair of equally long 1-D tensors through a chunk-sized buffer."""
+    for x, y in zip(a, b):
+        for i in range(0, x.numel(), SWAP_CHUNK):
+            cx, cy = x[i:i + SWAP_CHUNK], y[i:i + SWAP_CHUNK]
+            tmp = cx.clone()
+            cx.copy_(cy)
+            cy.copy_(tmp)
