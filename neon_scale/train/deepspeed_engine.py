@@ -54,7 +54,7 @@ def initialize(spec: ModelSpec, model: nn.Module, cfg: TrainConfig, world: int):
     wrapper = LossModule(spec, model)
     # What the optimizer never updates (frozen parameters, floating buffers: DiT's pos_embed, xAR's
     # RoPE tables), as built: DeepSpeed casts them to bf16/fp16 with the module and keeps no fp32
-    # master of them, so an export would otherwise write them rounded (see full_fp32_state_dict).
+    # master of them, so an export would otherwise write them rounded (see fp32_tensors).
     exact = {name: t.detach().clone() for name, t in _untrained(model).items()}
     engine, *_ = deepspeed.initialize(model=wrapper, model_parameters=wrapper.parameters(),
                                       config=deepspeed_config(cfg, world))
