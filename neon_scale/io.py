@@ -362,6 +362,14 @@ def check_keys(expected: list[str], found: list[str], source: str, official: boo
     return extra
 
 
+def check_shapes(own: dict[str, torch.Tensor], shape_of, source: str) -> None:
+    """One line for the first of the model's tensors (`own`) whose shape in the file (`shape_of(key)`)
+    differs."""
+    for k, v in own.items():
+        if tuple(shape_of(k)) != tuple(v.shape):
+            raise NeonError(f"{source}: key '{k}' has shape {tuple(shape_of(k))}, the model expects {tuple(v.shape)}")
+
+
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
               official: bool = False) -> dict[str, torch.Tensor]:
     """Load with one clear line for a missing or mis-shaped key; an unexpected key is an error for
@@ -371,8 +379,6 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: s
     extra = set(check_keys(list(own), list(state), source, official))
     if extra:
         state = {k: v for k, v in state.items() if k not in extra}
-    for k, v in own.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise NeonError(f"{source}: key '{k}' has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}")
+    check_shapes(own, lambda k: state[k].shape, source)
     module.load_state_dict(state, strict=True)
     return state

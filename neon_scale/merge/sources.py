@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NeonError
-from ..io import check_keys, load_into, load_state_dict, load_torch_checkpoint
+from ..io import check_keys, check_shapes, load_into, load_state_dict, load_torch_checkpoint
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -144,9 +144,7 @@ def load_file_into(module: torch.nn.Module, path: str | pathlib.Path) -> None:
     own = module.state_dict()
     with SafetensorsSource(path) as src:
         check_keys(list(own), src.keys(), str(path))
-        for k, v in own.items():
-            if src.meta(k).shape != tuple(v.shape):
-                raise NeonError(f"{path}: key '{k}' has shape {src.meta(k).shape}, the model expects {tuple(v.shape)}")
+        check_shapes(own, lambda k: src.meta(k).shape, str(path))
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(src.get(k))  # the module's parameter/buffer storage, cast to its dtype

@@ -126,6 +126,15 @@ class _SafetensorsFlat:
         return out
 
 
+def as_built(built: torch.Tensor | None, live: torch.Tensor) -> torch.Tensor:
+    """A frozen parameter or buffer that DeepSpeed holds (or saved) cast to the module's bf16/fp16:
+    the fp32 value it was built with when `live` is exactly that value cast (nothing changed it),
+    else `live` itself, in fp32 when floating. The trainer's export and this reader both use it."""
+    if built is not None and built.shape == live.shape and torch.equal(built.to(live.dtype), live):
+        return built
+    return live.float() if live.is_floating_point() else live
+
+
 def _checkpoint_mappings(d: pathlib.Path) -> list[tuple[int, int]]:
     """Address ranges this process maps from files in checkpoint folder `d` (/proc/self/maps)."""
     prefix = str(d.resolve()) + "/"
@@ -219,12 +228,7 @@ class ZeroCheckpointSource(TensorSource):
         return {k: v for k, v in out.items() if k in self._entries and self._entries[k][0] in ("frozen", "buffer")}
 
     def _as_built(self, key: str, stored: torch.Tensor) -> torch.Tensor:
-        """A frozen parameter or buffer as built when DeepSpeed's stored value is it cast to the
-        stored dtype (nothing changed it), else the stored value in fp32."""
-        built = self._untrained[key]
-        if built.shape == stored.shape and torch.equal(built.to(stored.dtype), stored):
-            return built.clone()
-        return stored.to(torch.float32, copy=True)
+        return as_built(self._untrained[key], stored).clone()
 
     @staticmethod
     def _find_partitions(d: pathlib.Path) -> tuple[str, list[re.Match]]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..io import torch_load
-from ..merge.zero import deepspeed_classes
+from ..merge.zero import as_built, deepspeed_classes
 from ..specs.base import ModelSpec
 from .deepspeed_config import deepspeed_config
 
@@ -128,12 +128,7 @@ def fp32_tensors(engine) -> Iterator[tuple[str, torch.Tensor]]:
         elif p is not None:
             with deepspeed.zero.GatheredParameters([p], enabled=zero3 and hasattr(p, "ds_id")):
                 value = p.detach().clone()
-        built = exact.get(name)
-        if built is not None and built.shape == value.shape and torch.equal(built.to(value.dtype), value):
-            value = built
-        elif value.is_floating_point():
-            value = value.float()
-        yield name, value.detach().cpu()
+        yield name, as_built(exact.get(name), value).detach().cpu()
 
 
 def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
