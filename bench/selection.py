@@ -120,7 +120,8 @@ def bench_config(config: str, run: pathlib.Path | None, work: pathlib.Path, over
     for (seed, mode), summary in results.items():
         for e in summary:
             f = final[(e["checkpoint"], e["best_w"], e.get("best_guidance"))]
-            rows.append({"seed": seed, "mode": mode, "checkpoint": e["checkpoint"], "best_w": e["best_w"],
+            rows.append({"seed": seed, "mode": mode, "checkpoint": e["checkpoint"], "sampler": e.get("sampler"),
+                         "best_w": e["best_w"],
                          "best_guidance": e.get("best_guidance"), "images": e["images"], "points": e["points"],
                          "final_metric": f.metric, "final_se": f.se, "final_replicates": f.replicates})
     return {"config": config, "final_n": final_n or cfg_n, "overrides": overrides, "rows": rows,
@@ -132,8 +133,8 @@ def diagnose(config: str, run_dir: pathlib.Path, overrides: list[str]) -> list[d
     out = run_dir / "diagnose" / "diagnose.json"
     if not out.is_file():
         neon("diagnose", "--config", config, "--run-dir", str(run_dir), *sets(overrides))
-    return [{k: d[k] for k in ("sampler_tag", "cos", "ci95", "predicted_w_sign", "bootstrap_fraction")}
-            for d in json.loads(out.read_text())["settings"]]
+    return [{k: d.get(k) for k in ("sampler_tag", "cos", "ci95", "predicted_w_sign", "bootstrap_fraction",
+                                   "after_train", "sampler")} for d in json.loads(out.read_text())["settings"]]
 
 
 def report(result: dict) -> None:
@@ -158,13 +159,16 @@ def report(result: dict) -> None:
                 diff = f"{d:+.3g} ({d / se:+.1f})" if se else f"{d:+.3g} (same point)"
             print(f"| {seed} | {ckpt} | " + " | ".join(cells) + f" | {diff} |")
     print(f"\n`neon diagnose` on {name} vs the best w each rule picked (all seeds, every checkpoint of the setting)")
-    print("| sampler | cos | 95% interval | predicted w | bootstrap agrees | best w picked |")
-    print("|---|---:|---|---|---:|---|")
+    print("| sampler | cos | 95% interval | predicted w | bootstrap agrees | best w picked | after train: "
+          "cos(g_r, theta_r - theta_s) |")
+    print("|---|---:|---|---|---:|---|---|")
     for d in result["diagnose"]:
-        picked = sorted({r["best_w"] for r in rows if r["checkpoint"].startswith(d["sampler_tag"] + "/")})
+        picked = sorted({r["best_w"] for r in rows if (r.get("sampler") is not None and r["sampler"] == d.get("sampler"))
+                         or r["checkpoint"].startswith(d["sampler_tag"] + "/")})  # (a run dir of version 0.1.0: tag)
         lo, hi = d["ci95"]
         print(f"| {d['sampler_tag']} | {d['cos']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
-              f"{'w > 0' if d['predicted_w_sign'] > 0 else 'w < 0'} | {d['bootstrap_fraction']:.3f} | {picked} |")
+              f"{'w > 0' if d['predicted_w_sign'] > 0 else 'w < 0'} | {d['bootstrap_fraction']:.3f} | {picked} | "
+              + (", ".join(f"{a['cos_real']:+.3f}" for a in d.get("after_train") or []) or "-") + " |")
     total = {m: sum(r["images"] for r in rows if r["mode"] == m) for m in modes}
     if "early_stop" in total:
         print("\nsamples drawn, all seeds: " + ", ".join(f"{m} {total[m]} ({total[m] / total['early_stop']:.3f} x "
@@ -183,7 +187,12 @@ def main() -> None:
     parser.add_argument("--final-n", type=int, default=None, help="samples of the final evaluation (default eval.n)")
     parser.add_argument("--work", default="runs/bench-selection")
     parser.add_argument("--out", default="bench/selection.json")
+    parser.add_argument("--report", metavar="JSON", help="print the tables of a saved --out file and exit")
     args = parser.parse_args()
+    if args.report:
+        for result in json.loads(pathlib.Path(args.report).read_text()):
+            report(result)
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     runs = dict(r.split("=", 1) for r in args.run)
     given: dict[str, list[str]] = {}

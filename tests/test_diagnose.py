@@ -95,6 +95,26 @@ def test_loss_noise_follows_the_row_not_the_pass_and_repeats_average_it(tmp_path
     assert not torch.equal(one, other)  # another noise stream
 
 
+def test_displacement_cosines_read_theta_r_minus_theta_s_in_the_gradients_order(tmp_path):
+    ctx = _ctx(TOY_AR, tmp_path)
+    torch.manual_seed(0)
+    model = ctx.spec.build(ctx.model_args())
+    synth = D.batch_gradients(ctx, model, ctx.spec.real_data(96, rng.generator(1, "test")), 4, 1, ("s",), 1000, 0.0,
+                              "t")
+    real = D.batch_gradients(ctx, model, ctx.spec.real_data(96, rng.generator(2, "test")), 4, 1, ("r",), 1000, 0.0,
+                             "t")
+    step, at = synth.double().mean(0), 0  # one gradient step on S: theta_s = theta_r - 0.1 g_s
+    theta_s = {}
+    for name, p in model.named_parameters():
+        theta_s[name] = p.detach().double() - 0.1 * step[at:at + p.numel()].view_as(p)
+        at += p.numel()
+    out = D.displacement_cosines(model, theta_s, synth, real)
+    assert out["cos_synth"] == pytest.approx(1.0, abs=1e-9)
+    mr = real.double().mean(0)
+    assert out["cos_real"] == pytest.approx(float(mr @ step / (mr.norm() * step.norm())), abs=1e-9)
+    assert abs(out["cos_real"]) < 0.999  # another direction: the test can tell them apart
+
+
 # ------------------------------------------------------------------------------------------ real data
 
 def test_real_data_from_data_source_is_the_held_out_split(tmp_path):
