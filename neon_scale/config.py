@@ -127,8 +127,8 @@ class RaceConfig:
     z: float = setting(2.0, min=0.0, help="drop a point when its difference to the best exceeds z standard errors")
     tol: float = setting(0.0, min=0.0, help="stop when every survivor is within tol of the best with confidence "
                                             "(difference + z se <= tol); 0: race until one point or eval.n")
-    futility: bool = setting(True, help="from n >= eval.n / 4, retire each survivor that could not be told apart "
-                                        "from the best even at eval.n (difference <= z se sqrt(n / eval.n))")
+    futility: bool = setting(True, help="stop once n >= eval.n / 4 when no survivor could be told apart from the "
+                                        "best even at eval.n (difference <= z se sqrt(n / eval.n))")
 
 
 @dataclass

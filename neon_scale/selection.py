@@ -13,13 +13,11 @@ rule find w < 0 for diversity-seeking samplers.
 difference to the round's best exceeds z standard errors of that difference (paired: the same
 noise), and doubles n for the survivors (a point at 2n reuses its n samples), until one point is
 left, or every survivor is within `tol` of the best with confidence (difference + z se <= tol),
-or n reaches n_max. Futility, point by point: a survivor that could not be told apart from the
-best even at n_max (its difference is at most z standard errors projected to n_max, se * sqrt(n /
-n_max), the 1/sqrt(n) law) retires, since the last doublings would end in the same tie; the
-projection takes the observed difference for the true one, so it is trusted over a factor of 4 in
-n at most (n >= n_max / 4). A retired point is within about z paired standard errors at n_max of
-the best, under the noise of a single evaluation at n_max. The winner is the point with the lowest
-metric in the last round (ties: the smaller |w|, the smaller extrapolation). Then, as early_stop, the 3 x 3 refine grid around the
+or (futility) no survivor could be told apart from the best even at n_max: each one's difference
+is at most z standard errors projected to n_max (se * sqrt(n / n_max), the 1/sqrt(n) law), so the
+last doublings would end in the same tie; the projection takes the observed difference for the
+true one, so it is trusted over a factor of 4 in n at most (n >= n_max / 4); or n reaches n_max. The winner is the point with the lowest metric in the last round (ties: the
+smaller |w|, the smaller extrapolation). Then, as early_stop, the 3 x 3 refine grid around the
 winner races the same way (the winner's samples reused): the grid alone missed the best w by 0.1
 on the toy (bench/selection.py).
 """
@@ -137,16 +135,14 @@ def _race(estimate, alive: list[Point], n0: int, n_max: int, z: float, tol: floa
                for p in alive}
         # an unknown SE (too few samples) never drops a point
         keep = [p for p in alive if p == best or gap[p][1] is None or gap[p][0] <= z * gap[p][1]]
-        # futility, point by point: a survivor that could not be told apart from the best even at n_max
-        # retires (the last doublings would end in the same tie); the best races on against the others
-        shrink = math.sqrt(n / n_max)  # the se at n_max over the se now
-        futile = [p for p in keep if futility and 4 * n >= n_max and p != best and gap[p][1] is not None
-                  and gap[p][0] <= z * gap[p][1] * shrink]
-        alive = [p for p in keep if p not in futile]
+        alive = keep
         settled = all(p == best or (gap[p][1] is not None and gap[p][0] + z * gap[p][1] <= tol) for p in alive)
-        stop = ("one point" if len(alive) == 1 and len(keep) == 1 else "futility" if len(alive) == 1
-                else "settled" if settled else "n_max" if n >= n_max else None)
-        rounds.append({"n": n, "points": len(est), "kept": len(keep), "retired": len(futile), "best": list(best),
+        shrink = math.sqrt(n / n_max)  # the se at n_max over the se now
+        futile = futility and 4 * n >= n_max and all(
+            p == best or (gap[p][1] is not None and gap[p][0] <= z * gap[p][1] * shrink) for p in alive)
+        stop = ("one point" if len(alive) == 1 else "settled" if settled else "futility" if futile
+                else "n_max" if n >= n_max else None)
+        rounds.append({"n": n, "points": len(est), "kept": len(keep), "best": list(best),
                        "best_metric": est[best].metric, **({"stop": stop} if stop else {})})
         if stop:
             return best, rounds
