@@ -125,8 +125,6 @@ class RaceConfig:
     n0: int = setting(1000, min=2, help="samples per point in the first round (a multiple of eval.chunk, so that "
                                         "larger rounds reuse its chunks)")
     z: float = setting(2.0, min=0.0, help="drop a point when its difference to the best exceeds z standard errors")
-    tol: float = setting(0.0, min=0.0, help="stop when every survivor is within tol of the best with confidence "
-                                            "(difference + z se <= tol); 0: race until one point or eval.n")
     futility: bool = setting(True, help="stop once n >= eval.n / 4 when no survivor could be told apart from the "
                                         "best even at eval.n (difference <= z se sqrt(n / eval.n))")
 
@@ -141,7 +139,10 @@ class SweepConfig:
     w_step: float = setting(0.25)
     guidance_key: Optional[str] = setting(None, help="eval-sampler key swept in the inner loop (e.g. cfg)")
     guidance: list = setting([], help="inner-loop values for guidance_key")
-    tol: float = setting(0.02, min=0.0, help="early-stop tolerance on the metric")
+    tol: float = setting(0.02, min=0.0, help="the difference in the metric not worth samples: early_stop stops a walk "
+                                             "once a point is more than tol worse; race drops a point once it is not "
+                                             "better than the best by more than tol / 2 (at z standard errors) and "
+                                             "stops when every survivor is within tol with confidence")
     refine_w: float = setting(0.1, min=0.0, help="half-width of the refine grid in w (0 = no refine)")
     refine_guidance: float = setting(0.1, min=0.0)
     final_n: Optional[int] = setting(None, min=2, help="re-evaluate each best point with this many samples")

@@ -11,15 +11,20 @@ rule find w < 0 for diversity-seeking samplers.
 `grid`: every (w, guidance) of the grid, no refine.
 `race`: every (w, guidance) of the grid starts at n0 samples; each round drops the points whose
 difference to the round's best exceeds z standard errors of that difference (paired: the same
-noise), and doubles n for the survivors (a point at 2n reuses its n samples), until one point is
-left, or every survivor is within `tol` of the best with confidence (difference + z se <= tol),
-or (futility) no survivor could be told apart from the best even at n_max: each one's difference
-is at most z standard errors projected to n_max (se * sqrt(n / n_max), the 1/sqrt(n) law), so the
-last doublings would end in the same tie; the projection takes the observed difference for the
-true one, so it is trusted over a factor of 4 in n at most (n >= n_max / 4); or n reaches n_max. The winner is the point with the lowest metric in the last round (ties: the
-smaller |w|, the smaller extrapolation). Then, as early_stop, the 3 x 3 refine grid around the
-winner races the same way (the winner's samples reused): the grid alone missed the best w by 0.1
-on the toy (bench/selection.py).
+noise) less tol / 2, and doubles n for the survivors (a point at 2n reuses its n samples), until
+one point is left, or every survivor is within `tol` of the best with confidence (difference +
+z se <= tol), or (futility) no survivor could be told apart from the best even at n_max: each
+one's difference is at most z standard errors projected to n_max (se * sqrt(n / n_max), the
+1/sqrt(n) law), so the last doublings would end in the same tie; the projection takes the
+observed difference for the true one, so it is trusted over a factor of 4 in n at most (n >=
+n_max / 4); or n reaches n_max. The winner is the point with the lowest metric in the last round
+(ties: the smaller |w|, the smaller extrapolation). `tol` is early_stop's: the difference not
+worth samples. A point is dropped once the data say, at z standard errors, that it is not better
+than the best by more than tol / 2 (difference > z se - tol / 2), so a drop costs about tol / 2
+at most; the shift by half the indifference zone is that of the sequential selection procedures
+(Paulson 1964; Kim & Nelson 2001: lambda = delta / 2). With tol = 0, a plain z test. Then, as
+early_stop, the 3 x 3 refine grid around the winner races the same way (the winner's samples
+reused): the grid alone missed the best w by 0.1 on the toy (bench/selection.py).
 """
 from __future__ import annotations
 
@@ -134,7 +139,7 @@ def _race(estimate, alive: list[Point], n0: int, n_max: int, z: float, tol: floa
         gap = {p: (est[p].metric - est[best].metric, paired_se(est[p].replicates, est[best].replicates))
                for p in alive}
         # an unknown SE (too few samples) never drops a point
-        keep = [p for p in alive if p == best or gap[p][1] is None or gap[p][0] <= z * gap[p][1]]
+        keep = [p for p in alive if p == best or gap[p][1] is None or gap[p][0] <= z * gap[p][1] - tol / 2]
         alive = keep
         settled = all(p == best or (gap[p][1] is not None and gap[p][0] + z * gap[p][1] <= tol) for p in alive)
         shrink = math.sqrt(n / n_max)  # the se at n_max over the se now

@@ -74,4 +74,4 @@ def test_race_settings_that_cannot_work_are_named(overrides, message):
 
 def test_race_settings_load():
     cfg = load_config(str(TOY), ["sweep.mode=race", "eval.chunk=5000", "sweep.race.n0=5000", "sweep.race.z=3"])
-    assert (cfg.sweep.mode, cfg.sweep.race.n0, cfg.sweep.race.z, cfg.sweep.race.tol) == ("race", 5000, 3.0, 0.0)
+    assert (cfg.sweep.mode, cfg.sweep.race.n0, cfg.sweep.race.z, cfg.sweep.tol) == ("race", 5000, 3.0, 0.003)

@@ -84,7 +84,7 @@ def test_race_images_fall_inside_the_planned_range(drop):
         # no replicates: no point ever drops, all run to eval.n
         return _Est(m, n, tuple(m + 0.01 * i for i in range(8)) if drop else None)
 
-    race(estimate, sw.w_grid(), sw.guidance, sw.race.n0, cfg.eval.n, sw.race.z, sw.race.tol, sw.refine_w,
+    race(estimate, sw.w_grid(), sw.guidance, sw.race.n0, cfg.eval.n, sw.race.z, sw.tol, sw.refine_w,
          sw.refine_guidance)
     assert pts.low <= len(reached) <= pts.high
     images = sweep_images(cfg, pts, 1)

@@ -128,3 +128,19 @@ def test_race_stops_for_futility_on_a_tie_it_could_not_resolve_at_n_max_and_not_
     gap, _ = noisy(lambda w: 0.0 if w == 0 else 0.025 if w == 0.25 else 1.0)
     (bw, _), _e, _l, rounds = race(gap, grid, [], n0=100, n_max=6400, z=2.0)
     assert bw == 0.0 and rounds[-1]["stop"] == "one point"
+
+
+def test_race_tolerance_drops_a_point_not_better_by_more_than_half_of_it():
+    grid = [-1.0, 0.0, 0.25, 1.0]
+    # w = 0.25 is 0.02 worse than w = 0: resolving that takes n ~ 6400 (the gap test above)
+    near, calls = noisy(lambda w: 0.0 if w == 0 else 0.02 if w == 0.25 else 1.0)
+    _b, _e, _l, exact = race(near, grid, [], n0=100, n_max=6400, z=2.0)
+    spent = sum(n for _w, _g, n in calls)
+    calls.clear()
+    (bw, _), _e, _l, rounds = race(near, grid, [], n0=100, n_max=6400, z=2.0, tol=0.08)
+    assert bw in (0.0, 0.25) and rounds[-1]["stop"] == "one point"  # either is within tol / 2 = 0.04
+    assert rounds[-1]["n"] < exact[-1]["n"] and sum(n for _w, _g, n in calls) < spent / 2
+    # a point better by more than tol / 2 is not given up: the race resolves it
+    far, _ = noisy(lambda w: 0.1 if w == 0 else 0.0 if w == 0.25 else 1.0)
+    (bw, _), _e, _l, rounds = race(far, grid, [], n0=100, n_max=6400, z=2.0, tol=0.08)
+    assert bw == 0.25

@@ -510,7 +510,7 @@ def _select(ctx: RunContext, estimate_at) -> tuple[tuple, Estimate, dict, dict]:
     sw, ev = ctx.cfg.sweep, ctx.cfg.eval
     if sw.mode == "race":
         best, best_est, seen, rounds = race(estimate_at, sw.w_grid(), sw.guidance, sw.race.n0, ev.n, sw.race.z,
-                                            sw.race.tol, sw.refine_w, sw.refine_guidance, sw.race.futility)
+                                            sw.tol, sw.refine_w, sw.refine_guidance, sw.race.futility)
         return best, best_est, seen, {"rounds": rounds}
     n = ev.n
     best, _metric, seen = search(lambda w, g: estimate_at(w, g, n).metric, sw.w_grid(), sw.guidance, mode=sw.mode,
