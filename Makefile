@@ -44,6 +44,8 @@ bench-digits: install
 # the picks (about 1 h on 2 cores; 1 thread per process: 2 threads on a shared machine ran 10-40x slower)
 bench-selection: install
 	OMP_NUM_THREADS=1 $(RUN) $(PY) bench/selection.py
+	OMP_NUM_THREADS=1 $(RUN) $(PY) bench/calibration.py --config configs/digits_dit.yaml \
+		--run runs/bench-selection/digits_dit/base --out bench/calibration-digits_dit.json
 
 # a toy run killed at every rename and every unlink (strace), each resumed and compared with an
 # uninterrupted run, and consolidate --overwrite at every point (about 100 kill points, 30 min on

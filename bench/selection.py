@@ -49,6 +49,9 @@ DEFAULT_SETTINGS = {
     # n0 = eval.n / 80: at 125 the first round alone (90 points) was 27% of early_stop's samples
     "configs/digits_dit.yaml": ["eval.chunk=25", "sweep.race.n0=25", "sweep.repeats=0"],
 }
+# the picks' final evaluation, when --final-n is not given: eval.n, or 5 x eval.n where one evaluation
+# at eval.n is too noisy to rank the picks (the authors' 50k after a 10k sweep)
+DEFAULT_FINAL_N = {"configs/digits_dit.yaml": 10000}
 FINAL_SEED = 987654321  # not an eval seed of any sweep here
 
 
@@ -184,7 +187,8 @@ def main() -> None:
                         help="reuse DIR's base/synth/train/metric for CONFIG instead of making them")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="CONFIG=KEY=VALUE",
                         help="an override for CONFIG's runs (replaces the defaults given for it)")
-    parser.add_argument("--final-n", type=int, default=None, help="samples of the final evaluation (default eval.n)")
+    parser.add_argument("--final-n", type=int, default=None,
+                        help="samples of the final evaluation (default: DEFAULT_FINAL_N, else eval.n)")
     parser.add_argument("--work", default="runs/bench-selection")
     parser.add_argument("--out", default="bench/selection.json")
     parser.add_argument("--report", metavar="JSON", help="print the tables of a saved --out file and exit")
@@ -205,7 +209,7 @@ def main() -> None:
         work = ROOT / args.work / pathlib.Path(config).stem
         run = pathlib.Path(runs[config]).resolve() if config in runs else None
         result = bench_config(config, run, work, overrides, [int(s) for s in args.seeds.split(",")],
-                              args.modes.split(","), args.final_n)
+                              args.modes.split(","), args.final_n or DEFAULT_FINAL_N.get(config))
         report(result)
         out.append(result)
         pathlib.Path(args.out).write_text(json.dumps(out, indent=1, default=list))
