@@ -172,6 +172,20 @@ def report(result: dict) -> None:
         print(f"| {d['sampler_tag']} | {d['cos']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
               f"{'w > 0' if d['predicted_w_sign'] > 0 else 'w < 0'} | {d['bootstrap_fraction']:.3f} | {picked} | "
               + (", ".join(f"{a['cos_real']:+.3f}" for a in d.get("after_train") or []) or "-") + " |")
+    if "race" in modes and "early_stop" in modes:
+        print("\n| seed | early_stop samples | race samples | race / early_stop | race's pick = early_stop's | "
+              "race - early_stop at the final n, in point se of early_stop's pick (paired z) |")
+        print("|---|---:|---:|---:|---|---|")
+        for seed in sorted({r["seed"] for r in rows}):
+            pairs = [(by[(seed, "race", c)], by[(seed, "early_stop", c)]) for c in dict.fromkeys(r["checkpoint"] for r in rows)
+                     if (seed, "race", c) in by and (seed, "early_stop", c) in by]
+            a, b = sum(p[0]["images"] for p in pairs), sum(p[1]["images"] for p in pairs)
+            same = sum((p[0]["best_w"], p[0]["best_guidance"]) == (p[1]["best_w"], p[1]["best_guidance"]) for p in pairs)
+            diffs = []
+            for r, e in pairs:
+                d, se = r["final_metric"] - e["final_metric"], paired_se(r["final_replicates"], e["final_replicates"])
+                diffs.append("0" if not se else f"{d:+.3g} = {d / e['final_se']:+.2f} se ({d / se:+.1f})")
+            print(f"| {seed} | {b:,} | {a:,} | {a / b:.3f} | {same}/{len(pairs)} | {', '.join(diffs)} |")
     total = {m: sum(r["images"] for r in rows if r["mode"] == m) for m in modes}
     if "early_stop" in total:
         print("\nsamples drawn, all seeds: " + ", ".join(f"{m} {total[m]} ({total[m] / total['early_stop']:.3f} x "
