@@ -71,6 +71,7 @@ import types
 
 import numpy as np
 import torch
+from machine import cpu_model  # bench/machine.py (bench/ is on the path of a bench script)
 
 CASES = ("dit-sample", "xar-sample", "dit-train", "xar-train")
 NULL_CLASS = 1000  # both official codes: 1000 classes + the null row
@@ -637,7 +638,7 @@ def main(argv=None) -> int:
     rows, checks = [], {}
     record = {"argv": sys.argv[1:], "args": {k: v for k, v in vars(args).items()}, "python": platform.python_version(),
               "torch": torch.__version__, "threads": args.threads, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-              "cpu": _cpu_model(), "cores": os.cpu_count(), "load_start": load_now(),
+              "cpu": cpu_model(), "cores": os.cpu_count(), "load_start": load_now(),
               "official": {"dit": _git_head(dit_repo), "xar": _git_head(xar_repo)}}
     print(f"load at start: {record['load_start']['uptime']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -678,17 +679,6 @@ def _jsonable(x):
     if dataclasses.is_dataclass(x):
         return dataclasses.asdict(x)
     return str(x)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git_head(repo: pathlib.Path | None) -> str | None:

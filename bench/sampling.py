@@ -25,6 +25,7 @@ import time
 
 import torch
 import triton
+from machine import cpu_model  # bench/machine.py (bench/ is on the path of a bench script)
 from neon_scale.kernels import cfg_step
 from neon_scale.kernels import sampling_reference as ref
 
@@ -33,17 +34,6 @@ DDPM = dict(guided_channels=3, sqrt_recip_ac=1.0526, sqrt_recipm1_ac=0.3293, mea
 DDIM = dict(guided_channels=3, sqrt_recip_ac=1.0526, sqrt_recipm1_ac=0.3293, sqrt_ac_prev=0.9512, dir_coef=0.2841,
             sigma=0.0913)
 EM = dict(t=0.52, dt=-0.0194)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def steps_per_s(fn, device: torch.device, seconds: float) -> float:
