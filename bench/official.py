@@ -301,6 +301,18 @@ def check(result: dict, name: str, diff: float, scale: float) -> None:
           f"{'agree' if ok else 'DIFFER'}", flush=True)
 
 
+def check_loss_and_grads(checks: dict, name: str, ours, theirs, la: torch.Tensor, lb: torch.Tensor) -> None:
+    """`<name>_loss`: the two losses agree; then one backward each, `<name>_grads`: every parameter's
+    gradient (by name) agrees."""
+    check(checks, f"{name}_loss", abs(float(la.detach()) - float(lb.detach())), abs(float(lb.detach())))
+    la.backward()
+    lb.backward()
+    grads_a = dict(ours.named_parameters())
+    gd = max(max_diff(grads_a[k].grad, p.grad) for k, p in theirs.named_parameters() if p.grad is not None)
+    gs = max(float(p.grad.abs().max()) for p in theirs.parameters() if p.grad is not None)
+    check(checks, f"{name}_grads", gd, gs)
+
+
 # ----------------------------------------------------------------------------- DiT
 
 def dit_sample_case(args, spec, ours, theirs, diffusion_mod, checks: dict) -> dict:
@@ -375,13 +387,7 @@ def dit_train_case(args, spec, ours, theirs, diffusion_mod, checks: dict) -> dic
         t = torch.randint(0, 1000, (b,), generator=g2)
         noise = torch.randn(x.shape, generator=g2)
         lb = train_diffusion.training_losses(theirs, x, t, dict(y=y), noise=noise)["loss"].mean()
-        check(checks, "dit_train_loss", abs(float(la.detach()) - float(lb.detach())), abs(float(lb.detach())))
-        la.backward()
-        lb.backward()
-        grads_a = dict(ours.named_parameters())
-        gd = max(max_diff(grads_a[k].grad, p.grad) for k, p in theirs.named_parameters() if p.grad is not None)
-        gs = max(float(p.grad.abs().max()) for p in theirs.parameters() if p.grad is not None)
-        check(checks, "dit_train_grads", gd, gs)
+        check_loss_and_grads(checks, "dit_train", ours, theirs, la, lb)
 
     ours.train()
     theirs.train()
@@ -507,13 +513,7 @@ def xar_train_case(args, spec, ours, theirs, checks: dict) -> dict:
         cells = [torch.randn(b, ours.cell_len, ours.vae_embed_dim) for _ in range(ours.clusters)]
         noise = torch.stack(cells, dim=1).reshape(b, ours.seq_len, ours.vae_embed_dim)
         la = flow_loss_at(ours, x, y, t, noise)
-        check(checks, "xar_train_loss", abs(float(la.detach()) - float(lb.detach())), abs(float(lb.detach())))
-        la.backward()
-        lb.backward()
-        grads_a = dict(ours.named_parameters())
-        gd = max(max_diff(grads_a[k].grad, p.grad) for k, p in theirs.named_parameters() if p.grad is not None)
-        gs = max(float(p.grad.abs().max()) for p in theirs.parameters() if p.grad is not None)
-        check(checks, "xar_train_grads", gd, gs)
+        check_loss_and_grads(checks, "xar_train", ours, theirs, la, lb)
         _dropouts(ours, None, saved_a)
         _dropouts(theirs, None, saved_b)
         theirs.label_drop_prob = drop_b
