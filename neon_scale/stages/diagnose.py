@@ -213,7 +213,7 @@ def displacement_cosines(model: torch.nn.Module, theta_s: dict[str, torch.Tensor
     near 0: the real loss does not see the displacement and no gradient alignment can predict w."""
     names = [name for name, p in model.named_parameters() if p.requires_grad]  # batch_gradients' order
     base = dict(model.named_parameters())
-    d = torch.cat([(base[k].detach().double() - theta_s[k].double()).flatten() for k in names])
+    d = torch.cat([(base[k].detach().cpu().double() - theta_s[k].double()).flatten() for k in names])  # rows: CPU
 
     def cos(g: torch.Tensor) -> float:
         m = g.double().mean(0)
