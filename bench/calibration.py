@@ -5,8 +5,9 @@ checkpoint), each point is evaluated with S evaluation seeds at n = n_1 < n_2 < 
 reusing the smaller's chunks, as the sweep does). Per n it prints, for each point, the standard
 deviation of the metric over the seeds beside the root-mean-square jackknife se (their ratio: 1 is
 calibrated, above 1 conservative), and the same for the paired difference of each point to the
-first (the quantity a race decides on). The distance is far from linear in the samples while n is
-below a few times the feature dimension: there the jackknife overstates the noise.
+first (the quantity a race decides on). On the digits' classifier features (ReLU outputs) the
+distance is far from linear in the samples at small n, and the jackknife overstates the noise
+there (bench/RESULTS.md); on Gaussian features it does not.
 
     python bench/calibration.py --config configs/digits_dit.yaml --run runs/digits_dit-seed0
     python bench/calibration.py --config configs/digits_dit.yaml --run runs/digits_dit-seed0 \\
