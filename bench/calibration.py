@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import pathlib
+import statistics
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -34,12 +35,11 @@ from neon_scale.stages.evaluate import FeatureStore, evaluate  # noqa: E402
 
 SEED0 = 1000  # evaluation seeds SEED0 .. SEED0 + S - 1: none of a sweep's defaults
 
-def sd(values: list[float]) -> float:
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
 
 def rms(values: list[float]) -> float:
     return math.sqrt(sum(v * v for v in values) / len(values))
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,7 +77,7 @@ def main() -> None:
     for n in sizes:
         for point in points:
             values = [est[(point, s, n)].metric for s in range(args.seeds)]
-            spread, se = sd(values), rms([est[(point, s, n)].se for s in range(args.seeds)])
+            spread, se = statistics.stdev(values), rms([est[(point, s, n)].se for s in range(args.seeds)])
             rows.append({"n": n, "point": point, "mean": sum(values) / len(values), "sd": spread, "se": se})
             print(f"| {n} | w {point[0]}, g {point[1:]} | {rows[-1]['mean']:.2f} | {spread:.3g} | {se:.3g} | "
                   f"{se / spread:.2f} |")
@@ -85,13 +85,14 @@ def main() -> None:
         for point in points[1:]:
             pairs = [(est[(point, s, n)], est[(ref, s, n)]) for s in range(args.seeds)]
             diffs = [a.metric - b.metric for a, b in pairs]
-            spread, se = sd(diffs), rms([paired_se(a.replicates, b.replicates) for a, b in pairs])
+            spread, se = statistics.stdev(diffs), rms([paired_se(a.replicates, b.replicates) for a, b in pairs])
             rows.append({"n": n, "point": point, "minus": ref, "mean": sum(diffs) / len(diffs), "sd": spread, "se": se})
             print(f"| {n} | w {point[0]}, g {point[1:]} minus the first | {rows[-1]['mean']:.2f} | {spread:.3g} | "
                   f"{se:.3g} | {se / spread:.2f} |", flush=True)
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps({"config": args.config, "checkpoint": ckpt["name"],
                                                       "seeds": args.seeds, "dim": metric.dim, "rows": rows}, indent=1))
+
 
 if __name__ == "__main__":
     main()

@@ -147,8 +147,9 @@ def report(result: dict) -> None:
     print("| seed | checkpoint | " + " | ".join(f"{m}: samples, pick, final" for m in modes) + " | race - early_stop (z) |")
     print("|---|---|" + "---|" * (len(modes) + 1))
     by = {(r["seed"], r["mode"], r["checkpoint"]): r for r in rows}
+    ckpts = dict.fromkeys(r["checkpoint"] for r in rows)  # in the order the sweeps met them
     for seed in sorted({r["seed"] for r in rows}):
-        for ckpt in dict.fromkeys(r["checkpoint"] for r in rows):
+        for ckpt in ckpts:
             cells = []
             for m in modes:
                 r = by.get((seed, m, ckpt))
@@ -177,10 +178,10 @@ def report(result: dict) -> None:
               "race - early_stop at the final n, in point se of early_stop's pick (paired z) |")
         print("|---|---:|---:|---:|---|---|")
         for seed in sorted({r["seed"] for r in rows}):
-            pairs = [(by[(seed, "race", c)], by[(seed, "early_stop", c)]) for c in dict.fromkeys(r["checkpoint"] for r in rows)
+            pairs = [(by[(seed, "race", c)], by[(seed, "early_stop", c)]) for c in ckpts
                      if (seed, "race", c) in by and (seed, "early_stop", c) in by]
-            a, b = sum(p[0]["images"] for p in pairs), sum(p[1]["images"] for p in pairs)
-            same = sum((p[0]["best_w"], p[0]["best_guidance"]) == (p[1]["best_w"], p[1]["best_guidance"]) for p in pairs)
+            a, b = sum(r["images"] for r, _ in pairs), sum(e["images"] for _, e in pairs)
+            same = sum((r["best_w"], r["best_guidance"]) == (e["best_w"], e["best_guidance"]) for r, e in pairs)
             diffs = []
             for r, e in pairs:
                 d, se = r["final_metric"] - e["final_metric"], paired_se(r["final_replicates"], e["final_replicates"])
