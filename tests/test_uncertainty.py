@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from neon_scale.metrics.fid import frechet_distance
-from neon_scale.metrics.uncertainty import (FrechetToReference, block_bounds, jackknife_replicates, jackknife_se,
-                                             paired_se)
+from neon_scale.metrics.uncertainty import (FrechetToReference, block_bounds, extrapolated_distance,
+                                             infinity_sizes, jackknife_replicates, jackknife_se, paired_se)
 from neon_scale.specs.registry import get_spec
 from neon_scale.stages.evaluate import FeatureStore, SampleMetric, evaluate
 
@@ -67,6 +67,35 @@ def test_paired_jackknife_is_calibrated_at_n_near_the_dimension_on_gaussian_feat
     assert 1 / 1.5 < rms(paired) / statistics.stdev(diffs) < 1.5
     if n >= 4 * d:
         assert 1 / 1.5 < rms(ses) / statistics.stdev(values) < 1.5
+
+
+def test_infinity_sizes_start_at_a_tenth_of_n_and_four_rows_per_dimension():
+    assert infinity_sizes(20000, 2) == [2000, 4571, 7143, 9714, 12286, 14857, 17429, 20000]
+    assert infinity_sizes(1024, 64)[0] == 256 and infinity_sizes(1024, 64)[-1] == 1024
+    assert infinity_sizes(10000, 2048) == [] and infinity_sizes(16384, 2048)[0] == 8192  # Inception
+    assert extrapolated_distance(torch.zeros(100, 16, dtype=torch.float64),
+                                 FrechetToReference(np.zeros(16), np.eye(16))) is None  # under 8 rows per dim
+
+
+@pytest.mark.parametrize("d,n", [(16, 256), (16, 1024), (64, 1024)])
+def test_fd_infinity_removes_most_of_the_bias_on_gaussian_features(d, n):
+    """Features N(0, I) against N(0.1, diag(0.5..2)), whose distance is known in closed form: over
+    30 seeds FD from n samples is biased upwards by many standard errors; FD-infinity's mean
+    error is under a sixth of that bias and within 3 standard errors of zero (measured: 86-95% of it removed)."""
+    seeds = 30
+    mu_ref, sigma_ref = np.full(d, 0.1), np.diag(np.linspace(0.5, 2.0, d))
+    true = frechet_distance(np.zeros(d), np.eye(d), mu_ref, sigma_ref)
+    distance = FrechetToReference(mu_ref, sigma_ref)
+    fd, inf = [], []
+    for s in range(seeds):
+        x = torch.randn(n, d, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        fd.append(distance(x.mean(0), torch.cov(x.T)) - true)
+        inf.append(extrapolated_distance(x, distance) - true)
+    bias, inf_bias = statistics.mean(fd), statistics.mean(inf)
+    inf_se = statistics.stdev(inf) / math.sqrt(seeds)
+    print(f"d {d} n {n}: FD bias {bias:+.4f}, FD-infinity {inf_bias:+.4f} +- {inf_se:.4f}")
+    assert bias > 5 * statistics.stdev(fd) / math.sqrt(seeds)
+    assert abs(inf_bias) < bias / 6 and abs(inf_bias) < 3 * inf_se
 
 
 # ------------------------------------------------------------------ calibration on the toy diffusion

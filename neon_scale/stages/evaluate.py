@@ -7,7 +7,8 @@ them on disk (FeatureStore) until the sweep no longer needs them, so a point at 
 samples and a killed evaluation resumes from the chunks it has. Rank 0 sums the chunks' float64
 moments in chunk order, so the metric does not depend on the number of ranks (bit for bit), and
 adds the jackknife replicates of metrics.uncertainty (the standard error of the point and of its
-difference to any other point evaluated with the same noise).
+difference to any other point evaluated with the same noise) and its FD-infinity (the 1/n bias
+extrapolated away).
 Image models hand their uint8 samples straight to the feature backbone (no PNG round trip);
 other models (the toys) use their own features and reference statistics.
 """
@@ -24,16 +25,18 @@ import torch
 from .. import dist, rng, stop
 from ..io import load_state_dict, save_state_dict
 from ..metrics.fid import Moments, frechet_distance
-from ..metrics.uncertainty import FrechetToReference, jackknife_replicates, jackknife_se
+from ..metrics.uncertainty import FrechetToReference, extrapolated_distance, jackknife_replicates, jackknife_se
 from ..specs.base import ModelSpec
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """A point's metric at n samples and its jackknife replicates (None: too few samples)."""
+    """A point's metric at n samples, its jackknife replicates (None: too few samples) and its
+    FD-infinity (None: n under 8 rows per feature dimension)."""
     metric: float
     n: int
     replicates: tuple[float, ...] | None = None
+    infinity: float | None = None
 
     @property
     def se(self) -> float | None:
@@ -145,5 +148,6 @@ def _estimate(metric: SampleMetric, chunks: list[torch.Tensor], n: int) -> Estim
         moments.add(feats)
     mu, sigma = moments.mean_cov()
     value = frechet_distance(mu, sigma, metric.mu_ref, metric.sigma_ref)
-    reps = jackknife_replicates(torch.cat(chunks), moments.sum, moments.outer, metric.to_reference)
-    return Estimate(value, n, None if reps is None else tuple(reps))
+    rows = torch.cat(chunks)
+    reps = jackknife_replicates(rows, moments.sum, moments.outer, metric.to_reference)
+    return Estimate(value, n, None if reps is None else tuple(reps), extrapolated_distance(rows, metric.to_reference))

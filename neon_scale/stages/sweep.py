@@ -7,8 +7,8 @@ is appended to sweep/results.jsonl (rewritten atomically), which doubles as the 
 a killed sweep resume where it stopped; the features of a checkpoint's samples stay in
 sweep/features/ until the checkpoint is done (a race's larger n reuses them). w = 0 is the base
 model: evaluated once per n and shared by all checkpoints. Outputs: results.jsonl, summary.json
-(per checkpoint: w = 0 and the best point at the same n with standard errors and the paired
-difference, the samples drawn, a race's rounds), best/ (the merged model of the overall best point,
+(per checkpoint: w = 0 and the best point at the same n with standard errors, FD-infinity and
+the paired difference, the samples drawn, a race's rounds), best/ (the merged model of the overall best point,
 with its provenance: the entry naming it has `best_model`), fid_vs_w.png (bands of +-1 standard
 error), and for image models samples.png (a row per class at w = 0 and at each checkpoint's best w, same noise).
 
@@ -93,7 +93,8 @@ class PointStore:
             return
         reps = row["replicates"]  # KeyError: a row of an older version (no standard error), evaluated again
         self.rows[key] = row
-        self.estimates[self.eval_key(row)] = Estimate(row["metric"], row["n"], None if reps is None else tuple(reps))
+        self.estimates[self.eval_key(row)] = Estimate(row["metric"], row["n"], None if reps is None else tuple(reps),
+                                                      row.get("metric_inf"))
         if persist and dist.is_main():
             write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows.values()))
 
@@ -407,7 +408,8 @@ class _Points:
         else:
             self.lines.meet(row)  # read from results.jsonl: no line, counted as done
         self.store.add({**row, "eval_sampler": eval_sampler, "metric_name": self.metric_name, "metric": est.metric,
-                        "se": est.se, "replicates": None if est.replicates is None else list(est.replicates)})
+                        "se": est.se, "metric_inf": est.infinity,
+                        "replicates": None if est.replicates is None else list(est.replicates)})
         if n == cfg.eval.n and seed is None:  # the selection's points only
             self._draw(row, g, est.metric)
         return est
@@ -535,12 +537,12 @@ def _sweep_checkpoint(ctx: RunContext, points: _Points, ckpt: dict, extrapolator
     entry = {"checkpoint": ckpt["name"], "steps": ckpt["steps"], "sampler": ckpt["sampler"],
              "metric_w0": zero.metric, "se_w0": zero.se, "best_w": bw, "best_metric": best.metric, "best_se": best.se,
              "diff": {"mean": best.metric - zero.metric, "se": paired_se(best.replicates, zero.replicates)},
-             "n": best.n, "points": len(seen), "images": sum(reached.values()), "mode": sw.mode, **selection}
+             "inf_w0": zero.infinity, "best_inf": best.infinity, "n": best.n, "points": len(seen), "images": sum(reached.values()), "mode": sw.mode, **selection}
     if sw.guidance_key is not None:
         entry["best_guidance"], entry["guidance_w0"] = bg, g0
     if sw.final_n:
         final = estimate_at(bw, bg, sw.final_n)
-        entry.update(final_n=sw.final_n, final_metric=final.metric, final_se=final.se)
+        entry.update(final_n=sw.final_n, final_metric=final.metric, final_se=final.se, final_inf=final.infinity)
     if sw.repeats:
         entry["repeats"] = _repeats(functools.partial(points.metric, ckpt, extrapolator), sw.repeats, ev, (0.0, g0),
                                     (bw, bg))
