@@ -57,7 +57,7 @@ def main() -> None:
     points = [tuple(float(v) for v in p.split(":")) for p in args.points.split(",")]
     cfg = load_config(args.config, [f"run_dir={args.run}", f"eval.chunk={args.chunk}"])
     ctx = RunContext.from_config(cfg)
-    metric = sweep_stage._sample_metric(ctx)
+    metric = sweep_stage.build_sample_metric(ctx)
     model = ctx.load_model(ctx.base_weights())
     ckpt = ctx.checkpoints()[args.checkpoint]
     extrapolator = Extrapolator(module_slots(model, load_state_dict(ctx.base_weights()), load_state_dict(ckpt["path"])))
@@ -65,7 +65,7 @@ def main() -> None:
     est = {}  # (point, seed, n) -> Estimate
     for point in points:
         extrapolator.set_w(point[0])
-        sampler = ctx.spec.parse_sampler(sweep_stage._eval_sampler(cfg, point[1] if len(point) > 1 else None))
+        sampler = ctx.spec.parse_sampler(sweep_stage.eval_sampler_at(cfg, point[1] if len(point) > 1 else None))
         for s in range(args.seeds):
             store = FeatureStore(None)  # shared by the sizes: a larger n reuses the smaller's chunks
             for n in sizes:

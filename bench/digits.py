@@ -37,7 +37,7 @@ def main() -> None:
         metric_info = json.loads((ROOT / run_dir / "metric" / "done.json").read_text())
         for s in json.loads((ROOT / run_dir / "sweep" / "summary.json").read_text()):
             rows.append((seed, minutes, metric_info.get("heldout_accuracy"), s))
-    print(f"\n| seed | S sampled with | metric at w = 0 (cfg) | best w (cfg) | metric at best w | difference | "
+    print("\n| seed | S sampled with | metric at w = 0 (cfg) | best w (cfg) | metric at best w | difference | "
           "difference / se |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for seed, minutes, _acc, s in rows:

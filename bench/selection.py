@@ -82,7 +82,7 @@ def final_metrics(config: str, run_dir: pathlib.Path, overrides: list[str], pick
     """Each (checkpoint, w, guidance) picked by some rule, evaluated at final_n with FINAL_SEED."""
     cfg = load_config(config, overrides + [f"run_dir={run_dir}"])
     ctx = RunContext.from_config(cfg)
-    metric = sweep_stage._sample_metric(ctx)
+    metric = sweep_stage.build_sample_metric(ctx)
     base_state = load_state_dict(ctx.base_weights())
     model = ctx.load_model(ctx.base_weights())
     out = {}
@@ -93,7 +93,7 @@ def final_metrics(config: str, run_dir: pathlib.Path, overrides: list[str], pick
         extrapolator = Extrapolator(module_slots(model, base_state, load_state_dict(ckpt["path"])))
         for name, w, g in mine:
             extrapolator.set_w(w)
-            sampler = ctx.spec.parse_sampler(sweep_stage._eval_sampler(cfg, g))
+            sampler = ctx.spec.parse_sampler(sweep_stage.eval_sampler_at(cfg, g))
             out[(name, w, g)] = evaluate(metric, model, sampler, final_n, FINAL_SEED, cfg.eval.chunk,
                                          FeatureStore(None), "final")
             print(f"  final {name} w={w} g={g}: {out[(name, w, g)].metric:.4f} +- {out[(name, w, g)].se:.2g}",

@@ -57,8 +57,9 @@ def best_model_metric(config, overrides: list[str], run_dir: pathlib.Path, entry
     cfg = load_config(str(config), [*overrides, f"run_dir={run_dir}"])
     ctx = RunContext.from_config(cfg)
     model = ctx.load_model(run_dir / "sweep" / "best" / "model.safetensors")
-    sampler = ctx.spec.parse_sampler(sweep_stage._eval_sampler(cfg, entry.get("best_guidance")))
-    return evaluate(sweep_stage._sample_metric(ctx), model, sampler, entry["n"], cfg.eval.seed, cfg.eval.chunk).metric
+    sampler = ctx.spec.parse_sampler(sweep_stage.eval_sampler_at(cfg, entry.get("best_guidance")))
+    metric = sweep_stage.build_sample_metric(ctx)
+    return evaluate(metric, model, sampler, entry["n"], cfg.eval.seed, cfg.eval.chunk).metric
 
 
 def test_the_recorded_command_remakes_the_best_model(small_toy_run, tmp_path):

@@ -230,7 +230,7 @@ def print_summary(summary: list[dict], metric_name: str) -> None:
     console.print(table)
 
 
-def _eval_sampler(cfg, g) -> dict:
+def eval_sampler_at(cfg, g) -> dict:
     """The evaluation sampler's settings at guidance g (sweep.guidance_key; unchanged without one)."""
     sampler = dict(cfg.eval.sampler)
     if cfg.sweep.guidance_key is not None:
@@ -281,7 +281,7 @@ def run(ctx: RunContext) -> None:
 
 def _sweep(ctx: RunContext, stage: StageDir, metric_name: str, tracker: Tracker) -> None:
     # ------------------------------------------------------------------ Metric
-    sample_metric = _sample_metric(ctx)
+    sample_metric = build_sample_metric(ctx)
     # ------------------------------------------------------------------ Point cache
     # keyed by what a point depends on: a change of the selection rule alone keeps the points
     stage.prepare(keep_fingerprint=ctx.points_fingerprint())
@@ -361,8 +361,9 @@ def _write_best(ctx: RunContext, stage: StageDir, summary: list[dict], checkpoin
     log(f"sweep: best model (w = {entry['best_w']:g} on {entry['checkpoint']}) -> {out}")
 
 
-def _sample_metric(ctx: RunContext) -> SampleMetric:
-    """Image models: the backbone of `eval.features` against the reference statistics (stages/metric.py
+def build_sample_metric(ctx: RunContext) -> SampleMetric:
+    """What the sweep measures points with (public: tests and benches evaluate points outside it).
+    Image models: the backbone of `eval.features` against the reference statistics (stages/metric.py
     prepares both); other models: their own features and reference."""
     if not ctx.spec.makes_images:
         return SampleMetric(ctx.spec)
@@ -396,7 +397,7 @@ class _Points:
     def estimate(self, ckpt: dict, extrapolator: Extrapolator, w: float, g, n: int, seed: int | None = None) -> Estimate:
         cfg = self.ctx.cfg
         row = _point_row(ckpt, w, g, n, seed, cfg.sweep.guidance_key)
-        eval_sampler = _eval_sampler(cfg, g)
+        eval_sampler = eval_sampler_at(cfg, g)
         est = self.store.cached(row)
         if est is None:
             extrapolator.set_w(w)
@@ -537,7 +538,8 @@ def _sweep_checkpoint(ctx: RunContext, points: _Points, ckpt: dict, extrapolator
     entry = {"checkpoint": ckpt["name"], "steps": ckpt["steps"], "sampler": ckpt["sampler"],
              "metric_w0": zero.metric, "se_w0": zero.se, "best_w": bw, "best_metric": best.metric, "best_se": best.se,
              "diff": {"mean": best.metric - zero.metric, "se": paired_se(best.replicates, zero.replicates)},
-             "inf_w0": zero.infinity, "best_inf": best.infinity, "n": best.n, "points": len(seen), "images": sum(reached.values()), "mode": sw.mode, **selection}
+             "inf_w0": zero.infinity, "best_inf": best.infinity,
+             "n": best.n, "points": len(seen), "images": sum(reached.values()), "mode": sw.mode, **selection}
     if sw.guidance_key is not None:
         entry["best_guidance"], entry["guidance_w0"] = bg, g0
     if sw.final_n:
@@ -602,7 +604,7 @@ def _panel(ctx: RunContext, model, extrapolator, w: float, g, title: str) -> tup
     extrapolator.set_w(w)
     if cfg.sweep.guidance_key is not None:
         title += f", {cfg.sweep.guidance_key} {g}"
-    gen, sampler = rng.generator(cfg.eval.seed, "picture"), ctx.spec.parse_sampler(_eval_sampler(cfg, g))
+    gen, sampler = rng.generator(cfg.eval.seed, "picture"), ctx.spec.parse_sampler(eval_sampler_at(cfg, g))
     if num_classes == _num_classes(ctx):
         images = ctx.spec.images(ctx.spec.sample(model, n, gen, sampler), ctx.model_args()).cpu()
     else:  # the first PICTURE_CLASSES classes only (labels are i mod num_classes): sampled and decoded by row
