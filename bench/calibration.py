@@ -7,11 +7,14 @@ deviation of the metric over the seeds beside the root-mean-square jackknife se 
 calibrated, above 1 conservative), and the same for the paired difference of each point to the
 first (the quantity a race decides on). On the digits' classifier features (ReLU outputs) the
 distance is far from linear in the samples at small n, and the jackknife overstates the noise
-there (bench/RESULTS.md); on Gaussian features it does not.
+there (bench/RESULTS.md); on Gaussian features it does not. Where n has 8 samples per feature
+dimension, also the mean and SD of FD-infinity over the seeds: unlike FD it should not fall with n.
 
     python bench/calibration.py --config configs/digits_dit.yaml --run runs/digits_dit-seed0
     python bench/calibration.py --config configs/digits_dit.yaml --run runs/digits_dit-seed0 \\
         --points 0.25:1.5,0.5:2.0,-1.5:4.0 --seeds 40 --n 25,50,100,200
+    python bench/calibration.py --config configs/digits_dit.yaml --run runs/digits_dit-seed0 \
+        --points 0:1.5,0.25:1.5 --seeds 5 --n 1000,2000,5000,10000 --chunk 500     # FD-infinity
 """
 from __future__ import annotations
 
@@ -72,15 +75,20 @@ def main() -> None:
                 est[(point, s, n)] = evaluate(metric, model, sampler, n, SEED0 + s, args.chunk, store, "p")
         print(f"  sampled w={point[0]} g={point[1:]}", flush=True)
     rows = []
-    print("| n | point | mean | SD over seeds | RMS jackknife se | ratio |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("| n | point | mean | SD over seeds | RMS jackknife se | ratio | mean FD-infinity | its SD |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         for point in points:
             values = [est[(point, s, n)].metric for s in range(args.seeds)]
             spread, se = statistics.stdev(values), rms([est[(point, s, n)].se for s in range(args.seeds)])
             rows.append({"n": n, "point": point, "mean": sum(values) / len(values), "sd": spread, "se": se})
+            inf = [est[(point, s, n)].infinity for s in range(args.seeds)]
+            inf_cols = "- | -"  # FD-infinity needs 8 samples per feature dimension
+            if None not in inf:
+                rows[-1].update(inf_mean=sum(inf) / len(inf), inf_sd=statistics.stdev(inf))
+                inf_cols = f"{rows[-1]['inf_mean']:.2f} | {rows[-1]['inf_sd']:.3g}"
             print(f"| {n} | w {point[0]}, g {point[1:]} | {rows[-1]['mean']:.2f} | {spread:.3g} | {se:.3g} | "
-                  f"{se / spread:.2f} |")
+                  f"{se / spread:.2f} | {inf_cols} |")
         ref = points[0]
         for point in points[1:]:
             pairs = [(est[(point, s, n)], est[(ref, s, n)]) for s in range(args.seeds)]
