@@ -13,8 +13,8 @@ dimension, also the mean and SD of FD-infinity over the seeds: unlike FD it shou
     python bench/calibration.py --config configs/digits_dit.yaml --run runs/digits_dit-seed0
     python bench/calibration.py --config configs/digits_dit.yaml --run runs/digits_dit-seed0 \\
         --points 0.25:1.5,0.5:2.0,-1.5:4.0 --seeds 40 --n 25,50,100,200
-    python bench/calibration.py --config configs/digits_dit.yaml --run runs/digits_dit-seed0 \
-        --points 0:1.5,0.25:1.5 --seeds 5 --n 1000,2000,5000,10000 --chunk 500     # FD-infinity
+    python bench/calibration.py --config configs/digits_dit.yaml --run runs/digits_dit-seed0 \\
+        --points 0:1.0,0.25:1.5 --seeds 8 --n 1000,2000,5000,10000 --chunk 500     # FD-infinity
 """
 from __future__ import annotations
 

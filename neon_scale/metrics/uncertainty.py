@@ -24,6 +24,8 @@ import math
 import numpy as np
 import torch
 
+from .fid import Moments
+
 BLOCKS = 20  # jackknife blocks: the SE of the SE is about 1 / sqrt(2 (B - 1)) = 16%
 INFINITY_SIZES = 8  # prefix sizes of the FD-infinity fit (Chong & Forsyth use 15)
 INFINITY_SMALLEST = 0.1  # the smallest prefix, as a fraction of n (theirs: 5k of 50k)
@@ -114,14 +116,10 @@ def extrapolated_distance(features: torch.Tensor, distance: FrechetToReference,
     ms = infinity_sizes(features.shape[0], d, sizes, smallest)
     if len(ms) < 3:
         return None
-    total, outer, start, fds = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64), 0, []
+    moments, start, fds = Moments(d), 0, []
     for m in ms:
-        block = features[start:m].double()
-        total += block.sum(0)
-        outer.addmm_(block.T, block)
-        mu = total / m
-        fds.append(distance(mu, (outer - m * torch.outer(mu, mu)) / (m - 1)))
+        moments.add(features[start:m])
+        fds.append(distance(*moments.mean_cov()))
         start = m
-    x = np.array([1.0 / m for m in ms])
-    slope, intercept = np.polyfit(x, np.array(fds), 1)
+    _slope, intercept = np.polyfit(np.array([1.0 / m for m in ms]), np.array(fds), 1)
     return float(intercept)
